@@ -1,0 +1,195 @@
+# cython: language_level=3
+"""The dynamic batching queue: the per-request part of the hot path, compiled.
+
+Requests wait in arrival order. A batch is ready when the queued rows reach the largest preferred
+batch size (else `max_rows`) or when the oldest request has waited the maximum delay; a batch then
+takes up to `max_rows` rows.
+`pop_batch` takes requests from the head whose non-batch dims match the head's, never reorders the
+ones that stay, and drops requests that were cancelled or whose deadline passed, failing the
+latter. `deliver` hands each caller exactly its own rows of the batch's outputs as views.
+
+Everything here runs on the event loop's thread; nothing is locked.
+"""
+
+cimport cython
+from collections import deque
+
+from hotpath.errors import DeadlineExceeded, QueueFull
+
+READY_FULL = "full"
+READY_DELAY = "delay"
+
+
+@cython.final
+@cython.freelist(256)
+cdef class Pending:
+    """One queued request: its future, its decoded inputs and when it must have started."""
+
+    cdef readonly object future
+    cdef readonly tuple inputs
+    cdef readonly Py_ssize_t rows
+    cdef readonly object key
+    cdef readonly long long enqueued_ns
+    cdef readonly long long deadline_ns
+    cdef readonly object context
+
+    @staticmethod
+    cdef Pending new(object future, tuple inputs, Py_ssize_t rows, object key,
+                     long long enqueued_ns, long long deadline_ns, object context):
+        cdef Pending p = Pending.__new__(Pending)
+        p.future = future
+        p.inputs = inputs
+        p.rows = rows
+        p.key = key
+        p.enqueued_ns = enqueued_ns
+        p.deadline_ns = deadline_ns
+        p.context = context
+        return p
+
+
+@cython.final
+cdef class BatchQueue:
+    """A bounded FIFO of pending requests that forms batches; see the module docstring."""
+
+    cdef object _items
+    cdef Py_ssize_t _rows
+    cdef readonly Py_ssize_t max_rows
+    cdef readonly Py_ssize_t max_requests
+    cdef readonly Py_ssize_t max_queue_size
+    cdef readonly long long max_delay_ns
+    cdef readonly long long timeout_ns
+    cdef readonly bint allow_timeout_override
+    cdef tuple _preferred
+
+    def __init__(self, Py_ssize_t max_rows, Py_ssize_t max_queue_size, long long max_delay_ns=0,
+                 preferred_sizes=(), bint batching=True, long long timeout_ns=0,
+                 bint allow_timeout_override=True):
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        self._items = deque()
+        self._rows = 0
+        self.max_rows = max_rows
+        self.max_requests = max_rows if batching else 1
+        self.max_queue_size = max_queue_size
+        self.max_delay_ns = max_delay_ns
+        self.timeout_ns = timeout_ns
+        self.allow_timeout_override = allow_timeout_override
+        self._preferred = tuple(sorted(s for s in preferred_sizes if 0 < s <= max_rows))
+
+    def __len__(self):
+        return len(self._items)
+
+    @property
+    def rows(self) -> int:
+        """Rows waiting, over every queued request."""
+        return self._rows
+
+    def push(self, future, tuple inputs, Py_ssize_t rows, key, long long now_ns,
+             long long deadline_ns=0, context=None):
+        """Queue a request, or raise QueueFull at once when the queue holds max_queue_size requests.
+
+        `deadline_ns` is the caller's own deadline (0: none); the queue policy's timeout applies on
+        top of it, and replaces a later caller deadline unless overrides are allowed.
+        """
+        if len(self._items) >= self.max_queue_size:
+            raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
+        cdef long long policy_deadline = now_ns + self.timeout_ns if self.timeout_ns else 0
+        if deadline_ns == 0 or (policy_deadline and not self.allow_timeout_override):
+            deadline_ns = policy_deadline
+        elif policy_deadline:
+            deadline_ns = min(deadline_ns, policy_deadline)
+        self._items.append(Pending.new(future, inputs, rows, key, now_ns, deadline_ns, context))
+        self._rows += rows
+
+    def ready_in(self, long long now_ns) -> int:
+        """-1 when empty, 0 when a batch is ready now, else nanoseconds until the oldest's delay ends."""
+        if not self._items:
+            return -1
+        if self.max_requests == 1 or self._rows >= self._target():
+            return 0
+        cdef Pending head = self._items[0]
+        cdef long long waited = now_ns - head.enqueued_ns
+        return 0 if waited >= self.max_delay_ns else self.max_delay_ns - waited
+
+    cdef Py_ssize_t _target(self):
+        return self._preferred[-1] if self._preferred else self.max_rows
+
+    cdef bint _expired(self, Pending p, long long now_ns):
+        return p.deadline_ns != 0 and now_ns >= p.deadline_ns
+
+    def pop_batch(self, long long now_ns):
+        """Take the next batch: a list of Pending whose rows fit max_rows and whose keys match.
+
+        Cancelled requests are skipped and expired ones failed with DEADLINE_EXCEEDED; both leave
+        the queue. The list may be empty when every request at the head was dropped.
+        """
+        cdef list batch = []
+        cdef list skipped = []
+        cdef Py_ssize_t rows = 0, n = len(self._items)
+        cdef Pending p
+        cdef object key = None
+        cdef object items = self._items
+        cdef object popleft = items.popleft
+        while n > 0 and len(batch) < self.max_requests:
+            p = items[0]
+            if p.future.done():
+                popleft()
+                self._rows -= p.rows
+                n -= 1
+                continue
+            if self._expired(p, now_ns):
+                popleft()
+                self._rows -= p.rows
+                n -= 1
+                p.future.set_exception(DeadlineExceeded(
+                    f"request waited {(now_ns - p.enqueued_ns) / 1e6:.3f} ms in the queue and its deadline passed before it could run"))
+                continue
+            if batch and p.key != key:
+                skipped.append(popleft())
+                n -= 1
+                continue
+            if batch and rows + p.rows > self.max_rows:
+                break
+            popleft()
+            n -= 1
+            self._rows -= p.rows
+            if not batch:
+                key = p.key
+            batch.append(p)
+            rows += p.rows
+        if skipped:
+            items.extendleft(reversed(skipped))
+        return batch
+
+    def drain(self):
+        """Remove and return every queued request (used when a model unloads)."""
+        cdef list rest = list(self._items)
+        self._items.clear()
+        self._rows = 0
+        return rest
+
+
+def deliver(list batch, list outputs) -> None:
+    """Give each request in `batch` its own rows of `outputs` (a list of arrays), as views."""
+    cdef Py_ssize_t start = 0, stop
+    cdef Pending p
+    if len(batch) == 1:
+        p = batch[0]
+        if not p.future.done():
+            p.future.set_result(outputs)
+        return
+    for p in batch:
+        stop = start + p.rows
+        if not p.future.done():
+            p.future.set_result([out[start:stop] for out in outputs])
+        start = stop
+
+
+def fail(list batch, exc: BaseException) -> None:
+    """Fail every still-waiting request of `batch` with `exc`."""
+    cdef Pending p
+    for p in batch:
+        if not p.future.done():
+            p.future.set_exception(exc)

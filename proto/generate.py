@@ -1,0 +1,71 @@
+"""Generate the Python stubs for hotpath's protocol from the `.proto` files in this folder.
+
+The one way stubs are made: `python proto/generate.py` rewrites `server/hotpath/_proto/`, and the
+test suite regenerates into a temporary folder to fail when the committed stubs are stale.
+
+The stubs register their files in hotpath's own descriptor pool rather than protobuf's default one:
+Triton's client registers the same `inference` package in the default pool, and a process must be
+able to import both (tests, and users who mix clients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PROTO_DIR = Path(__file__).resolve().parent
+PROTO_FILES = ("model_config.proto", "grpc_service.proto")
+DEFAULT_OUT = PROTO_DIR.parent / "server" / "hotpath" / "_proto"
+
+POOL_MODULE = '''"""hotpath's own descriptor pool: the generated stubs register their files here."""
+
+from google.protobuf import descriptor_pool
+
+POOL = descriptor_pool.DescriptorPool()
+'''
+
+
+def _rewrite(text: str) -> str:
+    text = re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", text, flags=re.M)
+    if "_descriptor_pool.Default()" in text:
+        text = text.replace("_descriptor_pool.Default()", "_pool.POOL")
+        text = text.replace("# @@protoc_insertion_point(imports)", "from . import _pool\n# @@protoc_insertion_point(imports)", 1)
+    return text
+
+
+def generate(out_dir: Path) -> list[Path]:
+    """Write the stubs into `out_dir` and return the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as raw:
+        subprocess.run(
+            [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}", f"--python_out={raw}",
+             f"--grpc_python_out={raw}", f"--pyi_out={raw}", *(str(PROTO_DIR / f) for f in PROTO_FILES)],
+            check=True,
+        )
+        written = []
+        for path in sorted(Path(raw).iterdir()):
+            if path.name == "model_config_pb2_grpc.py":
+                continue
+            target = out_dir / path.name
+            target.write_text(_rewrite(path.read_text()))
+            written.append(target)
+    for name, text in (("_pool.py", POOL_MODULE), ("__init__.py", '"""Stubs generated from proto/ by proto/generate.py; do not edit."""\n')):
+        (out_dir / name).write_text(text)
+        written.append(out_dir / name)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder to write the stubs into")
+    args = parser.parse_args()
+    for path in generate(args.out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

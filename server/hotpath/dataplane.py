@@ -1,0 +1,99 @@
+"""The transport-free data plane: every RPC's meaning, in terms of protocol messages.
+
+The gRPC servicer converts nothing and decides nothing; it calls one method here per RPC.
+"""
+
+from __future__ import annotations
+
+import time
+
+from hotpath import __version__
+from hotpath._proto import grpc_service_pb2 as pb
+from hotpath._proto import model_config_pb2
+from hotpath.codec import ModelCodec
+from hotpath.errors import InferenceError
+from hotpath.model import Model
+from hotpath.repository import ModelRepository, check_model_name
+from hotpath.stats import to_proto
+
+EXTENSIONS = ("model_repository", "statistics", "model_configuration", "schedule_policy")
+"""The protocol extensions ServerMetadata reports."""
+
+
+class DataPlane:
+    """What the server does, independent of how requests arrive."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+        self._codecs: dict[int, ModelCodec] = {}
+        repository.on_change.append(self._forget_codecs)
+
+    def _forget_codecs(self, name: str, ready: bool) -> None:
+        live = {id(m) for m in self.repository.served()}
+        self._codecs = {key: codec for key, codec in self._codecs.items() if key in live}
+
+    def _codec(self, model: Model) -> ModelCodec:
+        codec = self._codecs.get(id(model))
+        if codec is None or codec.model is not model:
+            codec = self._codecs[id(model)] = ModelCodec(model)
+        return codec
+
+    def model(self, name: str, version: str = "") -> Model:
+        """The served model for name and version; raises InvalidArgument or ModelNotFound."""
+        return self.repository.get(name, version)
+
+    async def infer(self, request: pb.ModelInferRequest, deadline_ns: int = 0) -> pb.ModelInferResponse:
+        """Run one inference request; raises InferenceError with the status to report."""
+        start = time.monotonic_ns()
+        model = self.repository.get(request.model_name, request.model_version)
+        codec = self._codec(model)
+        try:
+            inputs, rows, key = codec.decode(request)
+            chosen = codec.requested(request)
+            outputs = await model.infer(inputs, rows, key, deadline_ns)
+            response = codec.encode(request.id, outputs, chosen)
+        except InferenceError:
+            model.stats.request_done(False, time.monotonic_ns() - start, 0)
+            raise
+        model.stats.request_done(True, time.monotonic_ns() - start, rows)
+        return response
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="hotpath", version=__version__, extensions=EXTENSIONS)
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """Whether that model version serves; an invalid name raises, an unknown one is just not ready."""
+        check_model_name(name)
+        try:
+            self.repository.get(name, version)
+        except InferenceError:
+            return False
+        return True
+
+    def model_metadata(self, name: str, version: str = "") -> pb.ModelMetadataResponse:
+        model = self.repository.get(name, version)
+        response = pb.ModelMetadataResponse(name=name, versions=[str(v) for v in self.repository.versions(name)],
+                                            platform=model.config.platform)
+        for specs, target in ((model.inputs, response.inputs), (model.outputs, response.outputs)):
+            for spec in specs:
+                target.add(name=spec.name, datatype=spec.datatype.name, shape=spec.shape(model.batched))
+        return response
+
+    def model_config(self, name: str, version: str = "") -> model_config_pb2.ModelConfig:
+        return self.repository.get(name, version).config
+
+    def statistics(self, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+        models = [self.repository.get(name, version)] if name else self.repository.served()
+        if name and not version:
+            models = [self.repository.get(name, str(v)) for v in self.repository.versions(name)]
+        response = pb.ModelStatisticsResponse()
+        for model in models:
+            response.model_stats.append(to_proto(model.name, model.version, model.stats.counters, model.config.max_batch_size))
+        return response
+
+    def index(self, ready_only: bool = False) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for name, version, state, reason in self.repository.index():
+            if not ready_only or state == "READY":
+                response.models.add(name=name, version=version, state=state, reason=reason)
+        return response

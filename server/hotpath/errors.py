@@ -1,0 +1,67 @@
+"""Domain errors, each carrying the gRPC status it maps to.
+
+The data plane raises these; the servicer turns them into a status in one place. Anything else that
+escapes a request is a bug and becomes INTERNAL.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class InferenceError(Exception):
+    """An error a client should see, with the gRPC status code that describes it."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(InferenceError):
+    """The request is malformed or does not match the model's inputs."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(InferenceError):
+    """No such model, or no such version of it, is loaded."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelUnavailable(InferenceError):
+    """The model exists but cannot serve right now (unloading, failed load)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class QueueFull(InferenceError):
+    """The model's queue is full; the client should back off and retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(InferenceError):
+    """The request's deadline or queue timeout passed before it could run."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class RequestCancelled(InferenceError):
+    """The client went away before the request ran."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class ModelExecutionError(InferenceError):
+    """The model raised while running a batch."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class LoadError(InferenceError):
+    """A model could not be loaded; the previously served version (if any) keeps serving."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,256 @@
+"""A loaded model version: its ONNX Runtime replicas and the dynamic batcher that feeds them.
+
+Requests queue in the native `BatchQueue` on the event loop's thread. Whenever a replica is idle and
+a batch is ready, the batch goes to that replica's own thread (one cross-thread hand-off per batch);
+ONNX Runtime releases the GIL while it computes, so replicas run in parallel with the front end.
+The finished batch comes back to the loop in one callback, which hands every caller its own rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from hotpath import _batcher
+from hotpath._proto import model_config_pb2
+from hotpath.config import TensorSpec, complete_config, parameter, tensor_specs
+from hotpath.errors import LoadError, ModelExecutionError, ModelUnavailable
+from hotpath.settings import Settings, available_cpus
+from hotpath.stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
+DEFAULT_MAX_QUEUE_SIZE = 4096
+"""Requests a model's queue holds when its config sets no `max_queue_size`."""
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """How many sessions a model gets, where, and with how many threads each."""
+
+    count: int
+    intra_threads: int
+    inter_threads: int
+    gpus: tuple[int, ...]
+
+    def describe(self) -> str:
+        where = f"GPU {list(self.gpus)}" if self.gpus else "CPU"
+        return f"{self.count} replica(s) on {where} x {self.intra_threads} intra-op thread(s)"
+
+
+def plan_replicas(config: model_config_pb2.ModelConfig, settings: Settings) -> ReplicaPlan:
+    """Choose replicas x threads so that, over every server process, they fit the usable CPUs."""
+    cpus = settings.cpus or available_cpus()
+    budget = max(1, cpus // max(1, settings.workers))
+    gpus: tuple[int, ...] = ()
+    count = 0
+    for group in config.instance_group:
+        if group.kind == KIND_GPU:
+            devices = tuple(group.gpus) or (0,)
+            gpus += tuple(d for d in devices for _ in range(max(1, group.count)))
+            count += max(1, group.count) * len(devices)
+        else:
+            count += max(1, group.count)
+    if count == 0:
+        count = min(2, budget)
+    default_threads = max(1, budget // count)
+    intra = parameter(config, "intra_op_thread_count", default_threads)
+    inter = parameter(config, "inter_op_thread_count", 1)
+    if intra < 1 or inter < 1:
+        raise LoadError(f"model '{config.name}': thread counts must be >= 1 (intra_op_thread_count={intra}, inter_op_thread_count={inter})")
+    return ReplicaPlan(count, intra, inter, gpus)
+
+
+class Replica:
+    """One ONNX Runtime session with the thread that runs its batches."""
+
+    def __init__(self, index: int, session: ort.InferenceSession, device: str) -> None:
+        self.index = index
+        self.session = session
+        self.device = device
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"replica-{index}")
+
+
+def _session_options(plan: ReplicaPlan, index: int, pin: bool) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = plan.intra_threads
+    options.inter_op_num_threads = plan.inter_threads
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if pin and plan.intra_threads > 1:
+        first = index * plan.intra_threads + 2
+        options.add_session_config_entry(
+            "session.intra_op_thread_affinities", ";".join(str(first + i) for i in range(plan.intra_threads - 1)))
+    return options
+
+
+def _create_session(path: Path, plan: ReplicaPlan, index: int, settings: Settings, name: str) -> tuple[ort.InferenceSession, str]:
+    options = _session_options(plan, index, settings.pin_threads)
+    if not plan.gpus:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), "cpu"
+    device = plan.gpus[index % len(plan.gpus)]
+    providers: list = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:
+        session, cause = None, str(exc)
+    else:
+        cause = "ONNX Runtime could not start CUDA (no GPU, driver, or CUDA libraries)"
+        if "CUDAExecutionProvider" in session.get_providers():
+            return session, f"gpu:{device}"
+    if settings.require_gpu:
+        raise LoadError(f"model '{name}': KIND_GPU on device {device} asked for, but {cause}; --require-gpu forbids falling back to CPU")
+    log.warning("model '%s' replica %d: KIND_GPU on device %d unavailable (%s); running on CPU", name, index, device, cause)
+    return session or ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), "cpu"
+
+
+def _batching_policy(config: model_config_pb2.ModelConfig) -> _batcher.BatchQueue:
+    batching = config.max_batch_size > 0 and parameter(config, "dynamic_batching", 1) != 0
+    db = config.dynamic_batching
+    policy = db.default_queue_policy
+    return _batcher.BatchQueue(
+        max_rows=max(1, config.max_batch_size),
+        max_queue_size=policy.max_queue_size or DEFAULT_MAX_QUEUE_SIZE,
+        max_delay_ns=db.max_queue_delay_microseconds * 1000,
+        preferred_sizes=tuple(db.preferred_batch_size),
+        batching=batching,
+        timeout_ns=policy.default_timeout_microseconds * 1000,
+        allow_timeout_override=policy.allow_timeout_override or not db.HasField("default_queue_policy"),
+    )
+
+
+class Model:
+    """One servable model version: checks nothing about requests (the codec does), runs batches."""
+
+    def __init__(self, name: str, version: int, path: Path, config: model_config_pb2.ModelConfig,
+                 replicas: list[Replica], plan: ReplicaPlan) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        self.config = config
+        self.plan = plan
+        self.inputs: tuple[TensorSpec, ...] = tensor_specs(config.input)
+        self.outputs: tuple[TensorSpec, ...] = tensor_specs(config.output)
+        self.batched = config.max_batch_size > 0
+        self.stats = ModelStats(config.max_batch_size)
+        self._input_names = [spec.name for spec in self.inputs]
+        self._output_names = [spec.name for spec in self.outputs]
+        self._replicas = replicas
+        self._idle = list(reversed(replicas))
+        self._queue = _batching_policy(config)
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+
+    @classmethod
+    def load(cls, name: str, version: int, path: Path, config: model_config_pb2.ModelConfig, settings: Settings) -> "Model":
+        """Create the replicas for `path` and complete `config` from the graph; raises LoadError."""
+        config = model_config_pb2.ModelConfig.FromString(config.SerializeToString())
+        plan = plan_replicas(config, settings)
+        try:
+            first, device = _create_session(path, plan, 0, settings, name)
+        except LoadError:
+            raise
+        except Exception as exc:
+            raise LoadError(f"model '{name}' version {version}: ONNX Runtime cannot load {path}: {exc}") from exc
+        complete_config(config, first)
+        replicas = [Replica(0, first, device)]
+        for index in range(1, plan.count):
+            session, device = _create_session(path, plan, index, settings, name)
+            replicas.append(Replica(index, session, device))
+        return cls(name, version, path, config, replicas, plan)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a replica."""
+        return len(self._queue)
+
+    async def infer(self, inputs: tuple[np.ndarray, ...], rows: int, key: object, deadline_ns: int = 0,
+                    context: object = None) -> list[np.ndarray]:
+        """Queue one request's inputs (in config order) and return its rows of every output."""
+        if self._closing:
+            raise ModelUnavailable(f"model '{self.name}' version {self.version} is unloading")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        future = self._loop.create_future()
+        self._queue.push(future, inputs, rows, key, time.monotonic_ns(), deadline_ns, context)
+        if self._idle:
+            self._dispatch()
+        return await future
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        queue = self._queue
+        while self._idle:
+            now = time.monotonic_ns()
+            wait = queue.ready_in(now)
+            if wait < 0:
+                return
+            if wait > 0:
+                if self._timer is None:
+                    self._timer = self._loop.call_later(wait / 1e9, self._on_timer)
+                return
+            batch = queue.pop_batch(now)
+            if not batch:
+                continue
+            replica = self._idle.pop()
+            queue_ns = 0
+            for pending in batch:
+                queue_ns += now - pending.enqueued_ns
+            self.stats.add("queue", queue_ns, len(batch))
+            done = self._loop.run_in_executor(replica.executor, self._execute, replica, batch)
+            done.add_done_callback(functools.partial(self._on_done, replica, batch))
+
+    def _execute(self, replica: Replica, batch: list) -> tuple[list[np.ndarray], int, int, int]:
+        start = time.perf_counter_ns()
+        if len(batch) == 1:
+            feeds = dict(zip(self._input_names, batch[0].inputs))
+            rows = batch[0].rows
+        else:
+            feeds = {name: np.concatenate([p.inputs[i] for p in batch]) for i, name in enumerate(self._input_names)}
+            rows = sum(p.rows for p in batch)
+        ready = time.perf_counter_ns()
+        outputs = replica.session.run(self._output_names, feeds)
+        return outputs, rows, ready - start, time.perf_counter_ns() - ready
+
+    def _on_done(self, replica: Replica, batch: list, done: asyncio.Future) -> None:
+        self._idle.append(replica)
+        try:
+            outputs, rows, input_ns, infer_ns = done.result()
+            if self.batched:
+                for name, out in zip(self._output_names, outputs):
+                    if out.ndim == 0 or out.shape[0] != rows:
+                        raise RuntimeError(f"output '{name}' has shape {list(out.shape)}, expected first dim {rows} (the batch's rows)")
+        except Exception as exc:
+            rows = sum(p.rows for p in batch)
+            log.error("model '%s' version %d replica %d failed a batch of %d request(s): %s",
+                      self.name, self.version, replica.index, len(batch), exc)
+            _batcher.fail(batch, ModelExecutionError(
+                f"model '{self.name}' version {self.version} failed while running a batch of {rows} row(s) on replica {replica.index}: {exc}"))
+        else:
+            start = time.perf_counter_ns()
+            _batcher.deliver(batch, outputs)
+            self.stats.batch_done(rows, input_ns, infer_ns, time.perf_counter_ns() - start)
+        self._dispatch()
+
+    async def close(self) -> None:
+        """Stop taking requests, let queued and running ones finish, then release the replicas."""
+        self._closing = True
+        while len(self._queue) or len(self._idle) < len(self._replicas):
+            await asyncio.sleep(0.005)
+        if self._timer is not None:
+            self._timer.cancel()
+        for replica in self._replicas:
+            replica.executor.shutdown(wait=True)
