@@ -8,25 +8,17 @@ import logging
 import sys
 from pathlib import Path
 
-from hotpath.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings
+from hotpath.logs import configure_logging
+from hotpath.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, parse_size
 
 log = logging.getLogger("hotpath")
 
 
-def parse_size(text: str) -> int:
-    """Bytes from a size like 64MiB, 256MB, 1GiB or 1048576."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    number = text.strip().rstrip("bBiIkKmMgG")
-    unit = text.strip()[len(number):].upper()
-    if unit not in units:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use a number with B, KB, MB, GB, KiB, MiB or GiB")
+def _size(text: str) -> int:
     try:
-        value = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use a number with B, KB, MB, GB, KiB, MiB or GiB") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must not be negative")
-    return int(value * units[unit])
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -35,9 +27,15 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--model-repository", type=Path, help="Triton-layout model repository; omit to serve the built-in demo model")
     serve.add_argument("--host", default=defaults.host, help=f"address to listen on (default {defaults.host}; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=defaults.port, help=f"gRPC port (default {defaults.port})")
-    serve.add_argument("--max-message-size", type=parse_size, default=DEFAULT_MAX_MESSAGE_BYTES,
+    serve.add_argument("--max-message-size", type=_size, default=DEFAULT_MAX_MESSAGE_BYTES,
                        help="largest request or response message (default 64MiB)")
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--workers", type=int, default=defaults.workers,
+                       help=f"front-end processes sharing the port, each with its own GIL (default {defaults.workers})")
+    serve.add_argument("--cpus", type=int, default=defaults.cpus,
+                       help="CPUs for replicas x threads over all workers (default: what the process may use)")
+    serve.add_argument("--pin-threads", action="store_true", help="pin each replica's ONNX Runtime threads to its own cores")
+    serve.add_argument("--require-gpu", action="store_true", help="fail KIND_GPU models when CUDA is unavailable instead of using the CPU")
+    serve.add_argument("--log-level", default=defaults.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(func=_serve)
 
 
@@ -45,8 +43,12 @@ def _serve(args: argparse.Namespace) -> int:
     from hotpath.demo import ensure_demo_repository
     from hotpath.server import serve
 
+    if args.workers < 1:
+        log.error("--workers must be at least 1, got %d", args.workers)
+        return 2
     settings = Settings(model_repository=args.model_repository, host=args.host, port=args.port,
-                        max_message_bytes=args.max_message_size)
+                        max_message_bytes=args.max_message_size, workers=args.workers, cpus=args.cpus,
+                        pin_threads=args.pin_threads, require_gpu=args.require_gpu, log_level=args.log_level)
     repository = settings.model_repository
     if repository is None:
         repository = ensure_demo_repository()
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(getattr(args, "log_level", "INFO"))
     sys.exit(args.func(args))
 
 

@@ -11,21 +11,27 @@ from hotpath import __version__
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import model_config_pb2
 from hotpath.codec import ModelCodec
-from hotpath.errors import InferenceError
+from hotpath.errors import InferenceError, ResponseTooLarge
 from hotpath.model import Model
 from hotpath.repository import ModelRepository, check_model_name
 from hotpath.stats import to_proto
+from hotpath.workers import Coordinator
 
 EXTENSIONS = ("model_repository", "statistics", "model_configuration", "schedule_policy")
 """The protocol extensions ServerMetadata reports."""
+
+STREAM_ENVELOPE_BYTES = 6
+"""What ModelStreamInferResponse adds around a response: a field tag and a length of up to 5 bytes."""
 
 
 class DataPlane:
     """What the server does, independent of how requests arrive."""
 
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, coordinator: Coordinator) -> None:
         self.repository = repository
+        self.coordinator = coordinator
         self._codecs: dict[int, ModelCodec] = {}
+        self._message_limit = repository.settings.max_message_bytes
         repository.on_change.append(self._forget_codecs)
 
     def _forget_codecs(self, name: str, ready: bool) -> None:
@@ -52,6 +58,10 @@ class DataPlane:
             chosen = codec.requested(request)
             outputs = await model.infer(inputs, rows, key, deadline_ns)
             response = codec.encode(request.id, outputs, chosen)
+            size = response.ByteSize() + STREAM_ENVELOPE_BYTES
+            if size > self._message_limit:
+                raise ResponseTooLarge(f"model '{model.name}': the response would be {size} bytes, over the server's message limit of "
+                                       f"{self._message_limit} bytes (--max-message-size); ask for fewer rows or outputs, or raise the limit")
         except InferenceError:
             model.stats.request_done(False, time.monotonic_ns() - start, 0)
             raise
@@ -88,8 +98,19 @@ class DataPlane:
             models = [self.repository.get(name, str(v)) for v in self.repository.versions(name)]
         response = pb.ModelStatisticsResponse()
         for model in models:
-            response.model_stats.append(to_proto(model.name, model.version, model.stats.counters, model.config.max_batch_size))
+            counters = self.repository.store.total(model.name, model.version, model.config.max_batch_size)
+            response.model_stats.append(to_proto(model.name, model.version, counters, model.config.max_batch_size))
         return response
+
+    async def load(self, name: str) -> None:
+        """Load or reload a model on every server process."""
+        check_model_name(name)
+        await self.coordinator.load(name)
+
+    async def unload(self, name: str) -> None:
+        """Unload a model on every server process."""
+        check_model_name(name)
+        await self.coordinator.unload(name)
 
     def index(self, ready_only: bool = False) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()

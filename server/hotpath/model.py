@@ -9,10 +9,10 @@ The finished batch comes back to the loop in one callback, which hands every cal
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from hotpath._proto import model_config_pb2
 from hotpath.config import TensorSpec, complete_config, parameter, tensor_specs
 from hotpath.errors import LoadError, ModelExecutionError, ModelUnavailable
 from hotpath.settings import Settings, available_cpus
-from hotpath.stats import ModelStats
+from hotpath.stats import ModelStats, StatsStore
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,14 @@ def plan_replicas(config: model_config_pb2.ModelConfig, settings: Settings) -> R
 
 
 class Replica:
-    """One ONNX Runtime session with the thread that runs its batches."""
+    """One ONNX Runtime session with the thread that runs its batches, fed through an inbox."""
 
     def __init__(self, index: int, session: ort.InferenceSession, device: str) -> None:
         self.index = index
         self.session = session
         self.device = device
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"replica-{index}")
+        self.inbox: queue.SimpleQueue[list | None] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
 
 
 def _session_options(plan: ReplicaPlan, index: int, pin: bool) -> ort.SessionOptions:
@@ -132,7 +133,7 @@ class Model:
     """One servable model version: checks nothing about requests (the codec does), runs batches."""
 
     def __init__(self, name: str, version: int, path: Path, config: model_config_pb2.ModelConfig,
-                 replicas: list[Replica], plan: ReplicaPlan) -> None:
+                 replicas: list[Replica], plan: ReplicaPlan, stats: ModelStats) -> None:
         self.name = name
         self.version = version
         self.path = path
@@ -141,18 +142,20 @@ class Model:
         self.inputs: tuple[TensorSpec, ...] = tensor_specs(config.input)
         self.outputs: tuple[TensorSpec, ...] = tensor_specs(config.output)
         self.batched = config.max_batch_size > 0
-        self.stats = ModelStats(config.max_batch_size)
+        self.stats = stats
         self._input_names = [spec.name for spec in self.inputs]
         self._output_names = [spec.name for spec in self.outputs]
         self._replicas = replicas
         self._idle = list(reversed(replicas))
         self._queue = _batching_policy(config)
         self._timer: asyncio.TimerHandle | None = None
+        self._dispatch_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
 
     @classmethod
-    def load(cls, name: str, version: int, path: Path, config: model_config_pb2.ModelConfig, settings: Settings) -> "Model":
+    def load(cls, name: str, version: int, path: Path, config: model_config_pb2.ModelConfig, settings: Settings,
+             store: StatsStore) -> "Model":
         """Create the replicas for `path` and complete `config` from the graph; raises LoadError."""
         config = model_config_pb2.ModelConfig.FromString(config.SerializeToString())
         plan = plan_replicas(config, settings)
@@ -167,7 +170,7 @@ class Model:
         for index in range(1, plan.count):
             session, device = _create_session(path, plan, index, settings, name)
             replicas.append(Replica(index, session, device))
-        return cls(name, version, path, config, replicas, plan)
+        return cls(name, version, path, config, replicas, plan, store.create(name, version, config.max_batch_size))
 
     @property
     def queue_depth(self) -> int:
@@ -179,19 +182,29 @@ class Model:
         """Queue one request's inputs (in config order) and return its rows of every output."""
         if self._closing:
             raise ModelUnavailable(f"model '{self.name}' version {self.version} is unloading")
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        future = self._loop.create_future()
+        loop = self._loop or self._start(asyncio.get_running_loop())
+        future = loop.create_future()
         self._queue.push(future, inputs, rows, key, time.monotonic_ns(), deadline_ns, context)
-        if self._idle:
-            self._dispatch()
+        if self._idle and not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            loop.call_soon(self._dispatch)
         return await future
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+        self._loop = loop
+        for replica in self._replicas:
+            replica.thread = threading.Thread(target=self._serve_replica, args=(replica,),
+                                              name=f"{self.name}-{self.version}-replica-{replica.index}", daemon=True)
+            replica.thread.start()
+        return loop
 
     def _on_timer(self) -> None:
         self._timer = None
         self._dispatch()
 
     def _dispatch(self) -> None:
+        """Start batches on idle replicas; runs once per loop iteration so that a burst of arrivals batches."""
+        self._dispatch_scheduled = False
         queue = self._queue
         while self._idle:
             now = time.monotonic_ns()
@@ -210,8 +223,20 @@ class Model:
             for pending in batch:
                 queue_ns += now - pending.enqueued_ns
             self.stats.add("queue", queue_ns, len(batch))
-            done = self._loop.run_in_executor(replica.executor, self._execute, replica, batch)
-            done.add_done_callback(functools.partial(self._on_done, replica, batch))
+            replica.inbox.put(batch)
+
+    def _serve_replica(self, replica: Replica) -> None:
+        """The replica's thread: run each batch, then hand it back to the loop in one callback."""
+        get = replica.inbox.get
+        while (batch := get()) is not None:
+            try:
+                result, error = self._execute(replica, batch), None
+            except Exception as exc:
+                result, error = None, exc
+            try:
+                self._loop.call_soon_threadsafe(self._on_done, replica, batch, result, error)
+            except RuntimeError:
+                return
 
     def _execute(self, replica: Replica, batch: list) -> tuple[list[np.ndarray], int, int, int]:
         start = time.perf_counter_ns()
@@ -225,10 +250,12 @@ class Model:
         outputs = replica.session.run(self._output_names, feeds)
         return outputs, rows, ready - start, time.perf_counter_ns() - ready
 
-    def _on_done(self, replica: Replica, batch: list, done: asyncio.Future) -> None:
+    def _on_done(self, replica: Replica, batch: list, result: tuple | None, error: Exception | None) -> None:
         self._idle.append(replica)
         try:
-            outputs, rows, input_ns, infer_ns = done.result()
+            if error is not None:
+                raise error
+            outputs, rows, input_ns, infer_ns = result
             if self.batched:
                 for name, out in zip(self._output_names, outputs):
                     if out.ndim == 0 or out.shape[0] != rows:
@@ -253,4 +280,7 @@ class Model:
         if self._timer is not None:
             self._timer.cancel()
         for replica in self._replicas:
-            replica.executor.shutdown(wait=True)
+            replica.inbox.put(None)
+        for replica in self._replicas:
+            if replica.thread is not None:
+                await asyncio.to_thread(replica.thread.join)

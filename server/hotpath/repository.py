@@ -19,6 +19,7 @@ from hotpath.config import DEFAULT_MODEL_FILE, read_config
 from hotpath.errors import InferenceError, InvalidArgument, LoadError, ModelNotFound
 from hotpath.model import Model
 from hotpath.settings import Settings
+from hotpath.stats import StatsStore
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,10 @@ class ModelEntry:
 class ModelRepository:
     """Loads, serves and unloads the models of one repository directory."""
 
-    def __init__(self, root: Path, settings: Settings) -> None:
+    def __init__(self, root: Path, settings: Settings, store: StatsStore) -> None:
         self.root = root
         self.settings = settings
+        self.store = store
         self._entries: dict[str, ModelEntry] = {}
         self.on_change: list[Callable[[str, bool], None]] = []
         """Called with (model name, ready) after every load or unload (health, cache invalidation)."""
@@ -100,7 +102,7 @@ class ModelRepository:
                 loaded = {}
                 for version in versions:
                     loaded[version] = await asyncio.to_thread(
-                        Model.load, name, version, model_dir / str(version) / filename, config, self.settings)
+                        Model.load, name, version, model_dir / str(version) / filename, config, self.settings, self.store)
             except LoadError as exc:
                 entry.reason = exc.message
                 if not entry.versions:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
+import tempfile
+from dataclasses import replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import grpc
@@ -15,9 +20,12 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from hotpath._proto import grpc_service_pb2, grpc_service_pb2_grpc
 from hotpath._proto._pool import POOL
 from hotpath.dataplane import DataPlane
+from hotpath.errors import InferenceError
 from hotpath.repository import ModelRepository
 from hotpath.servicer import InferenceServicer
 from hotpath.settings import Settings
+from hotpath.stats import StatsStore
+from hotpath.workers import LocalCoordinator, Supervisor, WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +47,11 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
 class Server:
     """A running hotpath gRPC server over one model repository."""
 
-    def __init__(self, settings: Settings, repository_path: Path) -> None:
+    def __init__(self, settings: Settings, repository_path: Path, link: Connection | None = None) -> None:
         self.settings = settings
-        self.repository = ModelRepository(repository_path, settings)
-        self.dataplane = DataPlane(self.repository)
+        self.repository = ModelRepository(repository_path, settings, StatsStore(settings.run_dir, settings.worker_index))
+        self.link = WorkerLink(link, self.repository) if link is not None else None
+        self.dataplane = DataPlane(self.repository, self.link or LocalCoordinator(self.repository))
         self.health = HealthServicer()
         self.repository.on_change.append(self._on_model_change)
         self._server = grpc.aio.server(options=grpc_options(settings))
@@ -63,17 +72,23 @@ class Server:
         await self.health.set("", status)
         await self.health.set(INFERENCE_SERVICE, status)
 
-    async def start(self) -> None:
-        """Load the repository's models, then listen."""
+    async def start(self, replay: list[tuple[str, str]] = ()) -> None:
+        """Load the repository's models, repeat the loads and unloads done since the server started, then listen."""
+        if self.link is not None:
+            self.link.attach(asyncio.get_running_loop())
         await self.repository.load_all()
+        for op, name in replay:
+            try:
+                await (self.repository.load(name) if op == "load" else self.repository.unload(name))
+            except InferenceError as exc:
+                log.error("repeating %s of model '%s' failed: %s", op, name, exc.message)
         await self._set_overall()
         self.port = self._server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}")
         await self._server.start()
-        log.info("hotpath serving %d model version(s) from %s on %s:%d (max message %d bytes)",
-                 len(self.repository.served()), self.repository.root, self.settings.host, self.port,
-                 self.settings.max_message_bytes)
+        log.info("listening on %s:%d with %d model version(s), pid %d",
+                 self.settings.host, self.port, len(self.repository.served()), os.getpid())
 
     async def stop(self) -> None:
         """Stop taking calls, let in-flight ones finish within the grace period, unload models."""
@@ -85,16 +100,46 @@ class Server:
         await self._server.wait_for_termination()
 
 
-async def serve(settings: Settings, repository_path: Path) -> None:
-    """Run a server until SIGINT or SIGTERM, then shut it down gracefully."""
-    server = Server(settings, repository_path)
+def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    return stop
+
+
+async def run_worker(settings: Settings, repository_path: Path, link: Connection, replay: list[tuple[str, str]]) -> None:
+    """One worker process of a multi-process server: serve until told to stop."""
+    stop = _stop_on_signals()
+    server = Server(settings, repository_path, link)
+    await server.start(replay)
+    link.send(("ready",))
+    await stop.wait()
+    await server.stop()
+
+
+def _run_dir() -> Path:
+    shm = Path("/dev/shm")
+    return Path(tempfile.mkdtemp(prefix="hotpath-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
+
+
+async def serve(settings: Settings, repository_path: Path) -> None:
+    """Run the server (one process, or a supervisor and its workers) until SIGINT or SIGTERM."""
+    stop = _stop_on_signals()
+    settings = replace(settings, run_dir=_run_dir())
+    single = settings.workers == 1
     try:
+        if single:
+            server = Server(settings, repository_path)
+            await server.start()
+            port = server.port
+        else:
+            supervisor = Supervisor(settings, repository_path)
+            port = await supervisor.start()
+        log.info("hotpath serving models from %s on %s:%d with %d worker process(es)",
+                 repository_path, settings.host, port, settings.workers)
         await stop.wait()
-    finally:
         log.info("shutting down")
-        await server.stop()
+        await (server.stop() if single else supervisor.stop())
+    finally:
+        shutil.rmtree(settings.run_dir, ignore_errors=True)

@@ -6,7 +6,9 @@ Per-model settings live in each model's `config.pbtxt` (see `config.py`).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -46,8 +48,17 @@ class Settings:
     metrics_port: int = 8002
     """HTTP port of the Prometheus metrics endpoint; 0 turns it off."""
 
+    log_level: str = "INFO"
+    """DEBUG, INFO, WARNING or ERROR."""
+
     grace_seconds: float = 5.0
     """On shutdown, how long in-flight requests may take to finish."""
+
+    run_dir: Path | None = None
+    """Set by the server at start: where its processes share statistics (under /dev/shm when present)."""
+
+    worker_index: int = 0
+    """Set by the server at start: which of the `workers` processes this is."""
 
 
 def available_cpus() -> int:
@@ -60,3 +71,33 @@ def available_cpus() -> int:
     except (OSError, ValueError):
         pass
     return cpus
+
+
+_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+
+
+def parse_size(text: str) -> int:
+    """Read a byte count such as "256MiB", "1.5 GB" or "1048576" (a bare number is bytes).
+
+    KB, MB and GB are decimal (powers of 1000); KiB, MiB and GiB are binary (powers of 1024).
+    Units are case-insensitive. Raises ValueError for anything else, or for a fraction of a byte.
+    """
+    match = _SIZE.fullmatch(text.strip().lower())
+    if match is None or match.group(2) not in ("", *_UNITS):
+        raise ValueError(
+            f"invalid size {text!r}: expected a number with an optional unit, one of "
+            "B, KB, MB, GB (powers of 1000) or KiB, MiB, GiB (powers of 1024), for example '256MiB'"
+        )
+    size = Decimal(match.group(1)) * _UNITS[match.group(2) or "b"]
+    if size != size.to_integral_value():
+        raise ValueError(f"invalid size {text!r}: it comes to {size} bytes, not a whole number of bytes")
+    return int(size)

@@ -7,6 +7,7 @@ counters in shared memory and any one of them report the sum.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -89,3 +90,40 @@ def to_proto(name: str, version: int, counters: np.ndarray, max_batch_size: int)
                 getattr(batch, field).count = executions
                 getattr(batch, field).ns = int(c[b + offset])
     return out
+
+
+class StatsStore:
+    """Counters of every model version, one file per server process, under a shared run directory.
+
+    Each process writes only its own files (memory-mapped, so an update is a store to memory); any
+    process, or the metrics endpoint, reports the sum over all of them.
+    """
+
+    def __init__(self, run_dir: Path, worker: int) -> None:
+        self.root = run_dir / "stats"
+        self.worker = worker
+
+    def _dir(self, name: str, version: int) -> Path:
+        return self.root / name / str(version)
+
+    def create(self, name: str, version: int, max_batch_size: int) -> ModelStats:
+        """Fresh zeroed counters for this process's copy of a model version."""
+        directory = self._dir(name, version)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"w{self.worker}.i64"
+        staging = directory / f".w{self.worker}.i64.tmp"
+        np.zeros(counters_size(max_batch_size), np.int64).tofile(staging)
+        staging.replace(path)
+        return ModelStats(max_batch_size, np.memmap(path, np.int64, mode="r+"))
+
+    def total(self, name: str, version: int, max_batch_size: int) -> np.ndarray:
+        """The sum of every process's counters for a model version."""
+        size = counters_size(max_batch_size)
+        total = np.zeros(size, np.int64)
+        for path in self._dir(name, version).glob("w*.i64"):
+            counters = np.fromfile(path, np.int64)
+            if counters.shape == (size,):
+                total += counters
+        total[LAST_INFERENCE_MS] = max((np.fromfile(p, np.int64)[LAST_INFERENCE_MS]
+                                        for p in self._dir(name, version).glob("w*.i64")), default=0)
+        return total
