@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from hotpath.drift.cli import add_commands as add_drift_commands
 from hotpath.logs import configure_logging
 from hotpath.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, parse_size
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hotpath", description="A fast gRPC inference server for ONNX models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve(subparsers)
+    add_drift_commands(subparsers)
     return parser
 
 

@@ -22,6 +22,8 @@ import onnxruntime as ort
 from hotpath import _batcher
 from hotpath._proto import model_config_pb2
 from hotpath.config import TensorSpec, complete_config, parameter, tensor_specs
+from hotpath.drift import DriftError, DriftRecorder
+from hotpath.drift import TensorSpec as DriftTensor
 from hotpath.errors import LoadError, ModelExecutionError, ModelUnavailable
 from hotpath.settings import Settings, available_cpus
 from hotpath.stats import ModelStats, StatsStore
@@ -152,6 +154,15 @@ class Model:
         self._dispatch_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self.drift: DriftRecorder | None = None
+        if config.drift.enable:
+            try:
+                self.drift = DriftRecorder.create(
+                    name, version, path.parent.parent, config.drift,
+                    [DriftTensor(s.name, s.datatype.name, s.dims) for s in self.inputs],
+                    [DriftTensor(s.name, s.datatype.name, s.dims) for s in self.outputs])
+            except DriftError as exc:
+                raise LoadError(f"model '{name}' version {version}: {exc}") from None
 
     @classmethod
     def load(cls, name: str, version: int, path: Path, config: model_config_pb2.ModelConfig, settings: Settings,
@@ -248,7 +259,10 @@ class Model:
             rows = sum(p.rows for p in batch)
         ready = time.perf_counter_ns()
         outputs = replica.session.run(self._output_names, feeds)
-        return outputs, rows, ready - start, time.perf_counter_ns() - ready
+        infer_ns = time.perf_counter_ns() - ready
+        if self.drift is not None:
+            self.drift.record(feeds, dict(zip(self._output_names, outputs)))
+        return outputs, rows, ready - start, infer_ns
 
     def _on_done(self, replica: Replica, batch: list, result: tuple | None, error: Exception | None) -> None:
         self._idle.append(replica)
@@ -284,3 +298,5 @@ class Model:
         for replica in self._replicas:
             if replica.thread is not None:
                 await asyncio.to_thread(replica.thread.join)
+        if self.drift is not None:
+            self.drift.close()

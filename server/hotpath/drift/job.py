@@ -1,0 +1,340 @@
+"""The offline drift job: merge window files into spans and compare each span with the reference.
+
+Data-quality rules run first (missing values, NaN/inf, out-of-range values, unseen categories);
+then, for features with enough values, four distances between the reference and span histograms:
+KS (on the binned CDFs, with an upper bound on the unbinned statistic), D1 (L1 distance of the
+normalised histograms, 0..2), PSI and Jensen-Shannon distance (base 2, 0..1). Each has a fixed,
+documented threshold, overridable per feature. A feature drifts when any distance is over its
+threshold; the model alerts when any data-quality rule fires or when at least `alert_share` of the
+features with enough data drift.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from hotpath.drift.features import DriftError
+from hotpath.drift.files import parse_utc, utc_iso
+from hotpath.drift.recorder import WINDOW_SCHEMA
+from hotpath.drift.reference import Reference
+from hotpath.drift.stats import merge_feature
+
+DEFAULT_SPAN_SECONDS = 3600
+DEFAULT_ALERT_SHARE = 0.1
+PSI_FLOOR = 1e-4
+"""Smallest bin share PSI uses, so that an empty bin gives a large but finite term."""
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a feature is flagged. Distances alert above their threshold; rule tolerances are shares
+    (0.01 = one percentage point) allowed above what the reference shows."""
+
+    ks: float = 0.1
+    d1: float = 0.2
+    psi_warn: float = 0.1
+    psi_alert: float = 0.25
+    js: float = 0.1
+    out_of_range: float = 0.05
+    """Share of values outside the reference's [min, max]."""
+    missing: float = 0.01
+    nan: float = 0.0
+    unseen: float = 0.0
+    min_count: int = 1000
+    """Fewer values than this in a span: the feature is reported as too small, not as drifting."""
+
+
+@dataclass(frozen=True)
+class ThresholdSet:
+    """Default thresholds and per-feature overrides."""
+
+    defaults: Thresholds = Thresholds()
+    features: dict[str, Thresholds] = field(default_factory=dict)
+
+    def for_feature(self, name: str) -> Thresholds:
+        """The thresholds that apply to one feature."""
+        return self.features.get(name, self.defaults)
+
+
+def _overrides(base: Thresholds, values: dict, where: str) -> Thresholds:
+    known = {f.name for f in fields(Thresholds)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DriftError(f"{where}: unknown thresholds {unknown}; known ones are {sorted(known)}")
+    return replace(base, **values)
+
+
+def load_thresholds(path: Path | None = None, min_count: int | None = None) -> ThresholdSet:
+    """Thresholds from a JSON file `{"defaults": {...}, "features": {"x[3]": {...}}}` (both optional);
+    per-feature entries override the defaults, which override the built-in values."""
+    defaults = Thresholds() if min_count is None else Thresholds(min_count=min_count)
+    if path is None:
+        return ThresholdSet(defaults)
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DriftError(f"cannot read thresholds from {path}: {exc}") from None
+    defaults = _overrides(defaults, document.get("defaults", {}), f"{path} defaults")
+    features = {name: _overrides(defaults, values, f"{path} feature '{name}'")
+                for name, values in document.get("features", {}).items()}
+    return ThresholdSet(defaults, features)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as `90s`, `10m`, `1h` or `7d`."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise DriftError(f"'{text}' is not a duration; write a number and a unit, like 90s, 10m, 1h or 7d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclass
+class FeatureResult:
+    """One feature in one span: its status, what was found and the distances."""
+
+    name: str
+    role: str
+    kind: str
+    status: str
+    """"ok", "warn", "alert", "too_small" or "no_data"."""
+    count: int
+    drifted: bool = False
+    findings: list[str] = field(default_factory=list)
+    quality: list[str] = field(default_factory=list)
+    """The data-quality rules that fired (a subset of the findings' topics)."""
+    metrics: dict[str, float] | None = None
+    reference_shares: list[float] | None = None
+    current_shares: list[float] | None = None
+
+
+@dataclass
+class SpanResult:
+    """One span: the windows merged into it and the verdict for each feature and the model."""
+
+    start: str
+    end: str
+    windows: int
+    rows: int
+    dropped_rows: int
+    status: str
+    """"ok", "warn", "alert", "too_small" or "empty"."""
+    drifted_share: float
+    features: list[FeatureResult]
+
+
+@dataclass
+class DriftResult:
+    """Everything one run of the job found."""
+
+    model: str
+    reference_id: str
+    alert_share: float
+    thresholds: dict
+    spans: list[SpanResult]
+    skipped_windows: int
+    """Windows recorded against another reference (or none), which cannot be compared bin for bin."""
+    unreadable: list[str]
+
+    @property
+    def alert(self) -> bool:
+        """Whether any span alerts; the job's exit code is 1 when it does."""
+        return any(span.status == "alert" for span in self.spans)
+
+    def to_json(self) -> dict:
+        """The machine-readable report."""
+        return {"schema": "hotpath.drift.result", "alert": self.alert, **asdict(self)}
+
+
+def distances(reference: np.ndarray, current: np.ndarray, ordered: bool) -> dict[str, float]:
+    """KS (ordered bins only), D1, PSI and JS distance between two histograms of counts."""
+    p = reference / reference.sum()
+    q = current / current.sum()
+    result = {"d1": float(np.abs(p - q).sum())}
+    pf, qf = np.maximum(p, PSI_FLOOR), np.maximum(q, PSI_FLOOR)
+    result["psi"] = float(((qf - pf) * np.log(qf / pf)).sum())
+    m = (p + q) / 2
+    divergence = 0.5 * sum(float((a[a > 0] * np.log2(a[a > 0] / m[a > 0])).sum()) for a in (p, q))
+    result["js"] = math.sqrt(max(divergence, 0.0))
+    if ordered:
+        gap = np.concatenate([[0.0], np.cumsum(p - q)])
+        gap[-1] = 0.0
+        result["ks"] = float(np.abs(gap).max())
+        within = np.maximum(np.abs(gap[:-1]), np.abs(gap[1:])) + np.maximum(p, q)
+        result["ks_bound"] = float(min(within.max(), 1.0))
+    return result
+
+
+def _share(part: float, whole: float) -> float:
+    return part / whole if whole else 0.0
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.2g}%"
+
+
+def evaluate_feature(name: str, reference: dict, current: dict | None, limits: Thresholds) -> FeatureResult:
+    """Compare one feature's span counts with its reference counts."""
+    kind = reference["kind"]
+    if current is None:
+        return FeatureResult(name, reference["role"], kind, "no_data", 0, findings=["no values recorded in this span"])
+    result = FeatureResult(name, reference["role"], kind, "ok", current["count"])
+    rules = [("missing", "missing", current["missing"], current["count"], reference["missing"], reference["count"]),
+             ("nan", "NaN or inf", current["nan"] + current.get("inf", 0), current["count"],
+              reference["nan"] + reference.get("inf", 0), reference["count"])]
+    if kind == "numeric":
+        ref_hist = np.asarray(reference["bins"], dtype=np.float64)
+        cur_hist = np.asarray(current["bins"], dtype=np.float64)
+        outside = current["below"] + current["above"]
+        if reference["range"]:
+            rules.append(("out_of_range", f"outside the reference range [{reference['range'][0]:.4g}, "
+                          f"{reference['range'][1]:.4g}] ({current['below']} below, {current['above']} above)",
+                          outside, cur_hist.sum(), 0, 1))
+    else:
+        ref_hist = np.asarray(reference["counts"] + [reference["unseen"]], dtype=np.float64)
+        cur_hist = np.asarray(current["counts"] + [current["unseen"]], dtype=np.float64)
+        rules.append(("unseen", "not among the reference's categories", current["unseen"], cur_hist.sum(),
+                      reference["unseen"], ref_hist.sum()))
+    for rule, what, part, whole, ref_part, ref_whole in rules:
+        share, ref_share = _share(part, whole), _share(ref_part, ref_whole)
+        if part and share > ref_share + getattr(limits, rule):
+            result.quality.append(rule)
+            result.findings.append(f"{rule}: {part} of {int(whole)} values ({_percent(share)}) {what}; "
+                                   f"reference {_percent(ref_share)}")
+    values = int(cur_hist.sum())
+    if values < limits.min_count or not ref_hist.sum():
+        result.status = "alert" if result.quality else "too_small"
+        result.findings.append(f"{values} values, fewer than min_count {limits.min_count}: distances not computed")
+        return result
+    result.metrics = distances(ref_hist, cur_hist, ordered=kind == "numeric")
+    result.reference_shares = (ref_hist / ref_hist.sum()).tolist()
+    result.current_shares = (cur_hist / values).tolist()
+    over = [(metric, limit) for metric, limit in (("ks", limits.ks), ("d1", limits.d1), ("psi", limits.psi_alert),
+                                                  ("js", limits.js)) if result.metrics.get(metric, 0.0) > limit]
+    result.drifted = bool(over)
+    result.findings.extend(f"{metric.upper()} {result.metrics[metric]:.3f} > {limit}" for metric, limit in over)
+    if result.quality or result.drifted:
+        result.status = "alert"
+    elif result.metrics["psi"] > limits.psi_warn:
+        result.status = "warn"
+        result.findings.append(f"PSI {result.metrics['psi']:.3f} > {limits.psi_warn} (warn)")
+    return result
+
+
+def read_windows(directory: Path, model: str, version: int | None = None) -> tuple[list[dict], list[str]]:
+    """The model's window files in `directory` (optionally one version), and files that could not be read."""
+    windows, unreadable = [], []
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            unreadable.append(str(path))
+            continue
+        if (document.get("schema") == WINDOW_SCHEMA and document.get("model") == model
+                and (version is None or document.get("version") == version)):
+            windows.append(document)
+    return windows, unreadable
+
+
+def merge_windows(windows: Iterable[dict]) -> dict[str, dict]:
+    """The per-feature counts of several windows recorded against one reference, added up."""
+    merged: dict[str, dict] = {}
+    for window in windows:
+        for name, counts in window["features"].items():
+            merged[name] = merge_feature(merged[name], counts) if name in merged else counts
+    return merged
+
+
+def span_bounds(windows: list[dict], span: float, step: float, last: float, until: float | None,
+                now: float) -> list[tuple[float, float]]:
+    """Spans of length `span`, `step` apart, covering the `last` seconds before `until` (default:
+    the end of the newest window, or now when there is none)."""
+    if until is None:
+        until = max((parse_utc(w["window_end"]) for w in windows), default=now)
+    since = until - max(last, span)
+    bounds = []
+    start = since
+    while start + span <= until + 1e-6:
+        bounds.append((start, start + span))
+        start += step
+    return bounds
+
+
+def evaluate_span(reference: Reference, windows: list[dict], start: float, end: float,
+                  thresholds: ThresholdSet, alert_share: float) -> SpanResult:
+    """Merge the windows that start inside [start, end) and judge every reference feature."""
+    inside = [w for w in windows if start <= parse_utc(w["window_start"]) < end]
+    merged = merge_windows(inside)
+    features = [evaluate_feature(name, ref, merged.get(name), thresholds.for_feature(name))
+                for name, ref in reference.features.items()]
+    rows = sum(w["rows"] for w in inside)
+    evaluated = [f for f in features if f.metrics is not None]
+    drifted = [f for f in evaluated if f.drifted]
+    share = _share(len(drifted), len(evaluated))
+    if rows == 0:
+        status = "empty"
+    elif any(f.quality for f in features) or (drifted and share >= alert_share):
+        status = "alert"
+    elif not evaluated:
+        status = "too_small"
+    elif drifted or any(f.status == "warn" for f in features):
+        status = "warn"
+    else:
+        status = "ok"
+    return SpanResult(utc_iso(start), utc_iso(end), len(inside), rows, sum(w.get("dropped_rows", 0) for w in inside),
+                      status, share, features)
+
+
+def run_job(reference: Reference, windows_dir: Path, *, version: int | None = None,
+            span: float = DEFAULT_SPAN_SECONDS, step: float | None = None, last: float | None = None,
+            until: float | None = None, thresholds: ThresholdSet = ThresholdSet(),
+            alert_share: float = DEFAULT_ALERT_SHARE, now: float | None = None) -> DriftResult:
+    """Evaluate the spans over the `last` seconds (default one span) of a model's windows."""
+    if not Path(windows_dir).is_dir():
+        raise DriftError(f"no window directory {windows_dir}; is drift recording on (`drift {{ enable: true }}` "
+                         f"in the model's config.pbtxt) and has the server run?")
+    windows, unreadable = read_windows(windows_dir, reference.model, version)
+    usable = [w for w in windows if w.get("reference_id") == reference.reference_id]
+    bounds = span_bounds(usable, span, step or span, last or span, until, time.time() if now is None else now)
+    spans = [evaluate_span(reference, usable, start, end, thresholds, alert_share) for start, end in bounds]
+    return DriftResult(reference.model, reference.reference_id, alert_share, asdict(thresholds.defaults), spans,
+                       len(windows) - len(usable), unreadable)
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def summary(result: DriftResult) -> str:
+    """The terminal report: a line per span, then a table of the newest span's features."""
+    lines = [f"model '{result.model}', reference {result.reference_id}: "
+             f"{'ALERT' if result.alert else 'no alert'} over {len(result.spans)} span(s)"]
+    if result.skipped_windows:
+        lines.append(f"skipped {result.skipped_windows} window(s) recorded against another reference (or none); "
+                     f"restart the server after rebuilding a reference")
+    lines.extend(f"unreadable window file: {path}" for path in result.unreadable)
+    for span in result.spans:
+        flagged = [f.name for f in span.features if f.status == "alert"]
+        lines.append(f"{span.start} .. {span.end}  {span.windows:4d} windows {span.rows:9d} rows  "
+                     f"{span.status.upper():9s} drifted {_percent(span.drifted_share)}"
+                     + (f"  flagged: {', '.join(flagged)}" if flagged else ""))
+    if not result.spans:
+        return "\n".join(lines)
+    newest = result.spans[-1]
+    header = f"{'feature':24s} {'role':6s} {'status':9s} {'values':>9s} {'KS (<= bound)':>15s} {'D1':>6s} {'PSI':>6s} {'JS':>6s}  findings"
+    lines += ["", f"newest span {newest.start} .. {newest.end}", header, "-" * len(header)]
+    for f in newest.features:
+        m = f.metrics or {}
+        ks = f"{_number(m.get('ks'))} (<={_number(m.get('ks_bound'), 2)})" if "ks" in m else "-"
+        lines.append(f"{f.name[:24]:24s} {f.role:6s} {f.status:9s} {f.count:9d} {ks:>15s} {_number(m.get('d1')):>6s} "
+                     f"{_number(m.get('psi')):>6s} {_number(m.get('js')):>6s}  {'; '.join(f.findings)}")
+    return "\n".join(lines)
