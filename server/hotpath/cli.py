@@ -30,6 +30,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=defaults.port, help=f"gRPC port (default {defaults.port})")
     serve.add_argument("--max-message-size", type=_size, default=DEFAULT_MAX_MESSAGE_BYTES,
                        help="largest request or response message (default 64MiB)")
+    serve.add_argument("--cache-size", type=_size, default=defaults.cache_bytes,
+                       help="response cache budget shared by every model with response_cache { enable: true }, "
+                            "e.g. 256MiB (default 0: off); split evenly over the workers")
     serve.add_argument("--workers", type=int, default=defaults.workers,
                        help=f"front-end processes sharing the port, each with its own GIL (default {defaults.workers})")
     serve.add_argument("--cpus", type=int, default=defaults.cpus,
@@ -49,7 +52,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     settings = Settings(model_repository=args.model_repository, host=args.host, port=args.port,
                         max_message_bytes=args.max_message_size, workers=args.workers, cpus=args.cpus,
-                        pin_threads=args.pin_threads, require_gpu=args.require_gpu, log_level=args.log_level)
+                        pin_threads=args.pin_threads, require_gpu=args.require_gpu, log_level=args.log_level,
+                        cache_bytes=args.cache_size)
     repository = settings.model_repository
     if repository is None:
         repository = ensure_demo_repository()

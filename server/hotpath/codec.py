@@ -45,6 +45,7 @@ class ModelCodec:
         self.all_outputs = tuple(self.outputs.values())
         self.optional = {e.name for e in model.config.input if e.optional}
         self.variable_dims = any(-1 in spec.dims for spec in model.inputs)
+        self.cached = model.config.response_cache.enable
 
     def _where(self, name: str) -> str:
         return f"model '{self.name}' input '{name}'"
@@ -87,10 +88,13 @@ class ModelCodec:
                                   f"expected {count} for shape {list(shape)}")
         if datatype.name == "BYTES":
             return _text_array(spec.name, list(values), shape)
-        try:
-            return np.array(values, dtype=datatype.dtype).reshape(shape)
-        except OverflowError as exc:
-            raise InvalidArgument(f"{self._where(spec.name)}: a value does not fit {datatype.name}: {exc}") from None
+        wide = np.asarray(values)
+        if count and wide.dtype.kind in "iu" and wide.dtype.itemsize > datatype.itemsize:
+            low, high = np.iinfo(datatype.dtype).min, np.iinfo(datatype.dtype).max
+            if wide.min() < low or wide.max() > high:
+                raise InvalidArgument(f"{self._where(spec.name)}: contents.{datatype.contents_field} holds values in "
+                                      f"[{wide.min()}, {wide.max()}], outside {datatype.name}'s range [{low}, {high}]")
+        return wide.astype(datatype.dtype, copy=False).reshape(shape)
 
     def decode(self, request: pb.ModelInferRequest) -> tuple[tuple[np.ndarray, ...], int, object]:
         """The inputs in config order, the request's rows, and its batching key; raises InvalidArgument."""

@@ -9,7 +9,9 @@ import time
 
 from hotpath import __version__
 from hotpath._proto import grpc_service_pb2 as pb
+from hotpath._codec import join_bytes
 from hotpath._proto import model_config_pb2
+from hotpath.cache import ResponseCache, request_key
 from hotpath.codec import ModelCodec
 from hotpath.errors import InferenceError, ResponseTooLarge
 from hotpath.model import Model
@@ -27,16 +29,32 @@ STREAM_ENVELOPE_BYTES = 6
 class DataPlane:
     """What the server does, independent of how requests arrive."""
 
-    def __init__(self, repository: ModelRepository, coordinator: Coordinator) -> None:
+    def __init__(self, repository: ModelRepository, coordinator: Coordinator, cache: ResponseCache | None = None) -> None:
         self.repository = repository
         self.coordinator = coordinator
+        self.cache = cache
         self._codecs: dict[int, ModelCodec] = {}
         self._message_limit = repository.settings.max_message_bytes
-        repository.on_change.append(self._forget_codecs)
+        repository.on_change.append(self._on_model_change)
 
-    def _forget_codecs(self, name: str, ready: bool) -> None:
+    def _on_model_change(self, name: str, ready: bool) -> None:
         live = {id(m) for m in self.repository.served()}
         self._codecs = {key: codec for key, codec in self._codecs.items() if key in live}
+        if self.cache is not None:
+            self.cache.drop_model(name)
+
+    def _cache_key(self, model: Model, request: pb.ModelInferRequest, inputs: tuple) -> bytes:
+        """The exact key of a request: model, version, every input's name, datatype, shape and bytes, outputs."""
+        raw = request.raw_input_contents
+        parts = []
+        for i, tensor in enumerate(request.inputs):
+            if raw:
+                data = raw[i]
+            else:
+                array = inputs[self._codec(model).inputs[tensor.name][0]]
+                data = join_bytes(array.ravel()) if array.dtype == object else array
+            parts.append((tensor.name, tensor.datatype, tensor.shape, data))
+        return request_key(model.name, model.version, parts, sorted(o.name for o in request.outputs))
 
     def _codec(self, model: Model) -> ModelCodec:
         codec = self._codecs.get(id(model))
@@ -56,12 +74,30 @@ class DataPlane:
         try:
             inputs, rows, key = codec.decode(request)
             chosen = codec.requested(request)
+            cache_key = None
+            if self.cache is not None and codec.cached:
+                lookup = time.monotonic_ns()
+                cache_key = self._cache_key(model, request, inputs)
+                body = self.cache.get(model.name, cache_key)
+                if body is not None:
+                    response = pb.ModelInferResponse.FromString(body)
+                    response.id = request.id
+                    model.stats.add("cache_hit", time.monotonic_ns() - lookup)
+                    model.stats.request_done(True, time.monotonic_ns() - start, rows)
+                    return response
+                lookup = time.monotonic_ns() - lookup
             outputs = await model.infer(inputs, rows, key, deadline_ns)
             response = codec.encode(request.id, outputs, chosen)
             size = response.ByteSize() + STREAM_ENVELOPE_BYTES
             if size > self._message_limit:
                 raise ResponseTooLarge(f"model '{model.name}': the response would be {size} bytes, over the server's message limit of "
                                        f"{self._message_limit} bytes (--max-message-size); ask for fewer rows or outputs, or raise the limit")
+            if cache_key is not None:
+                insert = time.monotonic_ns()
+                response.id = ""
+                self.cache.put(model.name, cache_key, response.SerializeToString())
+                response.id = request.id
+                model.stats.add("cache_miss", lookup + time.monotonic_ns() - insert)
         except InferenceError:
             model.stats.request_done(False, time.monotonic_ns() - start, 0)
             raise

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hotpath._proto import grpc_service_pb2, grpc_service_pb2_grpc
 from hotpath._proto._pool import POOL
+from hotpath.cache import ResponseCache
 from hotpath.dataplane import DataPlane
 from hotpath.errors import InferenceError
 from hotpath.repository import ModelRepository
@@ -51,7 +52,8 @@ class Server:
         self.settings = settings
         self.repository = ModelRepository(repository_path, settings, StatsStore(settings.run_dir, settings.worker_index))
         self.link = WorkerLink(link, self.repository) if link is not None else None
-        self.dataplane = DataPlane(self.repository, self.link or LocalCoordinator(self.repository))
+        cache = ResponseCache(settings.cache_bytes // settings.workers) if settings.cache_bytes else None
+        self.dataplane = DataPlane(self.repository, self.link or LocalCoordinator(self.repository), cache)
         self.health = HealthServicer()
         self.repository.on_change.append(self._on_model_change)
         self._server = grpc.aio.server(options=grpc_options(settings))
