@@ -43,6 +43,12 @@ class QueueFull(InferenceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class ResponseTooLarge(InferenceError):
+    """A response would exceed the server's message-size limit, which gRPC would fail without a word of why."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class DeadlineExceeded(InferenceError):
     """The request's deadline or queue timeout passed before it could run."""
 
