@@ -13,15 +13,18 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from hotpath import _batcher
+from opentelemetry.trace import Span
+
+from hotpath import _batcher, telemetry
 from hotpath._proto import model_config_pb2
 from hotpath.config import TensorSpec, complete_config, parameter, tensor_specs
+from hotpath.datatypes import BY_ONNX_TYPE
 from hotpath.drift import DriftError, DriftRecorder
 from hotpath.drift import TensorSpec as DriftTensor
 from hotpath.errors import LoadError, ModelExecutionError, ModelUnavailable
@@ -33,20 +36,25 @@ log = logging.getLogger(__name__)
 KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
 DEFAULT_MAX_QUEUE_SIZE = 4096
 """Requests a model's queue holds when its config sets no `max_queue_size`."""
+INLINE_LIMIT_NS = 500_000
+"""A model whose full batch runs within this long executes on the event loop's thread (see `choose_execution`)."""
+EXECUTION_MODES = ("auto", "inline", "threads")
 
 
 @dataclass(frozen=True)
 class ReplicaPlan:
-    """How many sessions a model gets, where, and with how many threads each."""
+    """How many sessions a model gets, where, with how many threads each, and who runs its batches."""
 
     count: int
     intra_threads: int
     inter_threads: int
     gpus: tuple[int, ...]
+    inline: bool = False
 
     def describe(self) -> str:
         where = f"GPU {list(self.gpus)}" if self.gpus else "CPU"
-        return f"{self.count} replica(s) on {where} x {self.intra_threads} intra-op thread(s)"
+        runner = "on the event loop's thread" if self.inline else "each on its own thread"
+        return f"{self.count} replica(s) on {where} x {self.intra_threads} intra-op thread(s), batches run {runner}"
 
 
 def plan_replicas(config: model_config_pb2.ModelConfig, settings: Settings) -> ReplicaPlan:
@@ -81,6 +89,8 @@ class Replica:
         self.device = device
         self.inbox: queue.SimpleQueue[list | None] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
+        self.span: Span | None = None
+        """The trace span of the batch it runs, when that batch serves a sampled request."""
 
 
 def _session_options(plan: ReplicaPlan, index: int, pin: bool) -> ort.SessionOptions:
@@ -116,6 +126,48 @@ def _create_session(path: Path, plan: ReplicaPlan, index: int, settings: Setting
     return session or ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), "cpu"
 
 
+def _warmup_feeds(session: ort.InferenceSession, rows: int) -> dict[str, np.ndarray]:
+    feeds = {}
+    for arg in session.get_inputs():
+        dims = [d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape]
+        if dims and not (isinstance(arg.shape[0], int) and arg.shape[0] >= 0):
+            dims[0] = rows
+        datatype = BY_ONNX_TYPE[arg.type]
+        feeds[arg.name] = np.full(dims, "", dtype=object) if datatype.name == "BYTES" else np.zeros(dims, datatype.dtype)
+    return feeds
+
+
+def choose_execution(config: model_config_pb2.ModelConfig, plan: ReplicaPlan, session: ort.InferenceSession) -> ReplicaPlan:
+    """Decide whether batches run on the event loop's thread or on replica threads.
+
+    Handing a batch to a thread and back costs tens of microseconds and GIL traffic: more than a
+    small model's whole batch. Such a model ("auto", no instance_group, a full batch within
+    INLINE_LIMIT_NS on warm-up) runs inline with one replica; the process's other workers keep
+    serving meanwhile. Larger models, GPU models and explicit instance groups use replica threads.
+    """
+    mode = config.parameters["execution"].string_value if "execution" in config.parameters else "auto"
+    if mode not in EXECUTION_MODES:
+        raise LoadError(f"model '{config.name}': parameter 'execution' must be one of {list(EXECUTION_MODES)}, got '{mode}'")
+    if mode == "threads" or (mode == "auto" and (plan.gpus or config.instance_group)):
+        return plan
+    if mode == "auto":
+        try:
+            feeds = _warmup_feeds(session, max(1, config.max_batch_size))
+            best = min(_timed_run(session, feeds) for _ in range(3))
+        except Exception as exc:
+            log.debug("model '%s': warm-up run failed (%s); using replica threads", config.name, exc)
+            return plan
+        if best > INLINE_LIMIT_NS:
+            return plan
+    return replace(plan, count=1, inline=True)
+
+
+def _timed_run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> int:
+    start = time.perf_counter_ns()
+    session.run(None, feeds)
+    return time.perf_counter_ns() - start
+
+
 def _batching_policy(config: model_config_pb2.ModelConfig) -> _batcher.BatchQueue:
     batching = config.max_batch_size > 0 and parameter(config, "dynamic_batching", 1) != 0
     db = config.dynamic_batching
@@ -145,12 +197,18 @@ class Model:
         self.outputs: tuple[TensorSpec, ...] = tensor_specs(config.output)
         self.batched = config.max_batch_size > 0
         self.stats = stats
+        stats.set_gauge("replicas", len(replicas))
         self._input_names = [spec.name for spec in self.inputs]
         self._output_names = [spec.name for spec in self.outputs]
         self._replicas = replicas
         self._idle = list(reversed(replicas))
         self._queue = _batching_policy(config)
-        self._timer: asyncio.TimerHandle | None = None
+        self._running = 0
+        self._full_rows = max([s for s in config.dynamic_batching.preferred_batch_size if 0 < s <= self._queue.max_rows],
+                              default=self._queue.max_rows)
+        self.inline = plan.inline
+        self._timer: _batcher.DeadlineTimer | None = None
+        self._armed_ns = 0
         self._dispatch_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -177,6 +235,7 @@ class Model:
         except Exception as exc:
             raise LoadError(f"model '{name}' version {version}: ONNX Runtime cannot load {path}: {exc}") from exc
         complete_config(config, first)
+        plan = choose_execution(config, plan, first)
         replicas = [Replica(0, first, device)]
         for index in range(1, plan.count):
             session, device = _create_session(path, plan, index, settings, name)
@@ -196,6 +255,7 @@ class Model:
         loop = self._loop or self._start(asyncio.get_running_loop())
         future = loop.create_future()
         self._queue.push(future, inputs, rows, key, time.monotonic_ns(), deadline_ns, context)
+        self.stats.set_load(len(self._queue), self._running)
         if self._idle and not self._dispatch_scheduled:
             self._dispatch_scheduled = True
             loop.call_soon(self._dispatch)
@@ -203,14 +263,18 @@ class Model:
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
         self._loop = loop
-        for replica in self._replicas:
-            replica.thread = threading.Thread(target=self._serve_replica, args=(replica,),
-                                              name=f"{self.name}-{self.version}-replica-{replica.index}", daemon=True)
-            replica.thread.start()
+        self._timer = _batcher.DeadlineTimer()
+        loop.add_reader(self._timer.fileno(), self._on_timer)
+        if not self.inline:
+            for replica in self._replicas:
+                replica.thread = threading.Thread(target=self._serve_replica, args=(replica,),
+                                                  name=f"{self.name}-{self.version}-replica-{replica.index}", daemon=True)
+                replica.thread.start()
         return loop
 
     def _on_timer(self) -> None:
-        self._timer = None
+        self._timer.clear()
+        self._armed_ns = 0
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -223,18 +287,35 @@ class Model:
             if wait < 0:
                 return
             if wait > 0:
-                if self._timer is None:
-                    self._timer = self._loop.call_later(wait / 1e9, self._on_timer)
+                if self._armed_ns != now + wait:
+                    self._armed_ns = now + wait
+                    self._timer.arm(self._armed_ns)
                 return
+            waiting_rows = queue.rows
             batch = queue.pop_batch(now)
             if not batch:
                 continue
-            replica = self._idle.pop()
-            queue_ns = 0
-            for pending in batch:
-                queue_ns += now - pending.enqueued_ns
-            self.stats.add("queue", queue_ns, len(batch))
-            replica.inbox.put(batch)
+            self.stats.queued([now - pending.enqueued_ns for pending in batch])
+            self._running += len(batch)
+            self.stats.set_load(len(queue), self._running)
+            replica = self._idle[-1] if self.inline else self._idle.pop()
+            traced = [pending for pending in batch if pending.context is not None]
+            if traced:
+                replica.span = telemetry.start_batch(self.name, self.version, replica.index, batch, traced,
+                                                     self._dispatch_reason(waiting_rows), now)
+            if self.inline:
+                try:
+                    result, error = self._execute(replica, batch), None
+                except Exception as exc:
+                    result, error = None, exc
+                self._complete(replica, batch, result, error)
+            else:
+                replica.inbox.put(batch)
+
+    def _dispatch_reason(self, waiting_rows: int) -> str:
+        """Why the queue, holding `waiting_rows` rows, had a batch ready: it was full, or the oldest waited long enough."""
+        full = self._queue.max_requests == 1 or waiting_rows >= self._full_rows
+        return _batcher.READY_FULL if full else _batcher.READY_DELAY
 
     def _serve_replica(self, replica: Replica) -> None:
         """The replica's thread: run each batch, then hand it back to the loop in one callback."""
@@ -266,6 +347,12 @@ class Model:
 
     def _on_done(self, replica: Replica, batch: list, result: tuple | None, error: Exception | None) -> None:
         self._idle.append(replica)
+        self._complete(replica, batch, result, error)
+        self._dispatch()
+
+    def _complete(self, replica: Replica, batch: list, result: tuple | None, error: Exception | None) -> None:
+        """Hand every request of a finished batch its rows, or fail them all with the replica's error."""
+        failure = None
         try:
             if error is not None:
                 raise error
@@ -275,6 +362,7 @@ class Model:
                     if out.ndim == 0 or out.shape[0] != rows:
                         raise RuntimeError(f"output '{name}' has shape {list(out.shape)}, expected first dim {rows} (the batch's rows)")
         except Exception as exc:
+            failure = exc
             rows = sum(p.rows for p in batch)
             log.error("model '%s' version %d replica %d failed a batch of %d request(s): %s",
                       self.name, self.version, replica.index, len(batch), exc)
@@ -284,15 +372,21 @@ class Model:
             start = time.perf_counter_ns()
             _batcher.deliver(batch, outputs)
             self.stats.batch_done(rows, input_ns, infer_ns, time.perf_counter_ns() - start)
-        self._dispatch()
+        self._running -= len(batch)
+        self.stats.set_load(len(self._queue), self._running)
+        if replica.span is not None:
+            telemetry.end_batch(replica.span, failure)
+            replica.span = None
 
     async def close(self) -> None:
         """Stop taking requests, let queued and running ones finish, then release the replicas."""
         self._closing = True
         while len(self._queue) or len(self._idle) < len(self._replicas):
             await asyncio.sleep(0.005)
+        self.stats.set_gauge("replicas", 0)
         if self._timer is not None:
-            self._timer.cancel()
+            self._loop.remove_reader(self._timer.fileno())
+            self._timer.close()
         for replica in self._replicas:
             replica.inbox.put(None)
         for replica in self._replicas:
