@@ -59,7 +59,7 @@ cdef class BatchQueue:
     cdef readonly long long max_delay_ns
     cdef readonly long long timeout_ns
     cdef readonly bint allow_timeout_override
-    cdef tuple _preferred
+    cdef Py_ssize_t _full_rows
 
     def __init__(self, Py_ssize_t max_rows, Py_ssize_t max_queue_size, long long max_delay_ns=0,
                  preferred_sizes=(), bint batching=True, long long timeout_ns=0,
@@ -76,7 +76,7 @@ cdef class BatchQueue:
         self.max_delay_ns = max_delay_ns
         self.timeout_ns = timeout_ns
         self.allow_timeout_override = allow_timeout_override
-        self._preferred = tuple(sorted(s for s in preferred_sizes if 0 < s <= max_rows))
+        self._full_rows = max([s for s in preferred_sizes if 0 < s <= max_rows], default=max_rows)
 
     def __len__(self):
         return len(self._items)
@@ -107,14 +107,11 @@ cdef class BatchQueue:
         """-1 when empty, 0 when a batch is ready now, else nanoseconds until the oldest's delay ends."""
         if not self._items:
             return -1
-        if self.max_requests == 1 or self._rows >= self._target():
+        if self.max_requests == 1 or self._rows >= self._full_rows:
             return 0
         cdef Pending head = self._items[0]
         cdef long long waited = now_ns - head.enqueued_ns
         return 0 if waited >= self.max_delay_ns else self.max_delay_ns - waited
-
-    cdef Py_ssize_t _target(self):
-        return self._preferred[-1] if self._preferred else self.max_rows
 
     cdef bint _expired(self, Pending p, long long now_ns):
         return p.deadline_ns != 0 and now_ns >= p.deadline_ns
@@ -193,3 +190,67 @@ def fail(list batch, exc: BaseException) -> None:
     for p in batch:
         if not p.future.done():
             p.future.set_exception(exc)
+
+
+cdef extern from "<sys/timerfd.h>":
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    struct itimerspec:
+        timespec it_interval
+        timespec it_value
+    int timerfd_create(int clockid, int flags)
+    int timerfd_settime(int fd, int flags, const itimerspec* new_value, itimerspec* old_value)
+    int TFD_NONBLOCK, TFD_CLOEXEC, TFD_TIMER_ABSTIME
+
+cdef extern from "<time.h>":
+    int CLOCK_MONOTONIC
+
+cdef extern from "<unistd.h>":
+    ssize_t read(int fd, void* buf, size_t count) nogil
+    int close(int fd)
+
+
+@cython.final
+cdef class DeadlineTimer:
+    """A timer file descriptor on the monotonic clock, for the event loop to wait on.
+
+    asyncio's timers sleep in epoll, whose timeout is whole milliseconds; a queue delay of 100 us
+    would become a millisecond. A timerfd in the loop's reader set wakes it to the nanosecond.
+    Deadlines are `time.monotonic_ns()` values.
+    """
+
+    cdef int fd
+
+    def __cinit__(self):
+        self.fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
+        if self.fd < 0:
+            raise OSError("timerfd_create failed")
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def arm(self, long long deadline_ns) -> None:
+        """Fire once at `deadline_ns` (a deadline in the past fires at once)."""
+        cdef itimerspec spec
+        spec.it_interval.tv_sec = 0
+        spec.it_interval.tv_nsec = 0
+        spec.it_value.tv_sec = deadline_ns // 1000000000
+        spec.it_value.tv_nsec = deadline_ns % 1000000000
+        if spec.it_value.tv_sec == 0 and spec.it_value.tv_nsec == 0:
+            spec.it_value.tv_nsec = 1
+        timerfd_settime(self.fd, TFD_TIMER_ABSTIME, &spec, NULL)
+
+    def clear(self) -> None:
+        """Consume a firing so the descriptor stops being readable."""
+        cdef unsigned long long expirations
+        read(self.fd, &expirations, sizeof(expirations))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)
