@@ -1,9 +1,11 @@
 """Generate the Python stubs for hotpath's protocol from the `.proto` files in this folder.
 
-The one way stubs are made: `python proto/generate.py` rewrites `server/hotpath/_proto/`, and the
-test suite regenerates into a temporary folder to fail when the committed stubs are stale.
+The one way stubs are made: `python proto/generate.py` rewrites both copies, the server's
+(`server/hotpath/_proto/`) and the client package's (`clients/python/hotpath_client/_proto/`), so the
+client installs without the server; the test suite regenerates into a temporary folder to fail when
+either committed copy is stale.
 
-The stubs register their files in hotpath's own descriptor pool rather than protobuf's default one:
+Each copy registers its files in its own descriptor pool rather than protobuf's default one:
 Triton's client registers the same `inference` package in the default pool, and a process must be
 able to import both (tests, and users who mix clients).
 """
@@ -19,7 +21,10 @@ from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
 PROTO_FILES = ("model_config.proto", "grpc_service.proto")
-DEFAULT_OUT = PROTO_DIR.parent / "server" / "hotpath" / "_proto"
+TARGETS = (
+    PROTO_DIR.parent / "server" / "hotpath" / "_proto",
+    PROTO_DIR.parent / "clients" / "python" / "hotpath_client" / "_proto",
+)
 
 POOL_MODULE = '''"""hotpath's own descriptor pool: the generated stubs register their files here."""
 
@@ -61,10 +66,12 @@ def generate(out_dir: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder to write the stubs into")
+    parser.add_argument("--out", type=Path, action="append",
+                        help="folder to write the stubs into (repeatable; default: the server's and the client's copies)")
     args = parser.parse_args()
-    for path in generate(args.out):
-        print(path)
+    for out_dir in args.out or TARGETS:
+        for path in generate(out_dir):
+            print(path)
 
 
 if __name__ == "__main__":

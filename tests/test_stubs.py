@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -17,6 +18,7 @@ from hotpath._proto import grpc_service_pb2_grpc, model_config_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "server" / "hotpath" / "_proto"
+CLIENT_COMMITTED = ROOT / "clients" / "python" / "hotpath_client" / "_proto"
 
 
 def _load_generator():
@@ -32,15 +34,18 @@ def _embedded_descriptor(path: Path) -> bytes:
     return eval(match.group(1))
 
 
-def test_committed_stubs_match_proto(tmp_path):
+@pytest.mark.parametrize("committed", [COMMITTED, CLIENT_COMMITTED], ids=["server", "client"])
+def test_committed_stubs_match_proto(tmp_path, committed):
     """Regenerate from proto/ and compare what the stubs encode: the file descriptors and the RPC paths."""
-    _load_generator().generate(tmp_path)
+    generator = _load_generator()
+    assert committed in generator.TARGETS
+    generator.generate(tmp_path)
     for name in ("grpc_service_pb2.py", "model_config_pb2.py"):
-        assert _embedded_descriptor(COMMITTED / name) == _embedded_descriptor(tmp_path / name), \
-            f"{name} is stale: run `python proto/generate.py`"
+        assert _embedded_descriptor(committed / name) == _embedded_descriptor(tmp_path / name), \
+            f"{committed / name} is stale: run `python proto/generate.py`"
     paths = lambda p: sorted(re.findall(r"'/inference\.GRPCInferenceService/(\w+)'", p.read_text()))  # noqa: E731
-    assert paths(COMMITTED / "grpc_service_pb2_grpc.py") == paths(tmp_path / "grpc_service_pb2_grpc.py")
-    assert sorted(p.name for p in COMMITTED.glob("*.py*")) == sorted(p.name for p in tmp_path.glob("*.py*"))
+    assert paths(committed / "grpc_service_pb2_grpc.py") == paths(tmp_path / "grpc_service_pb2_grpc.py")
+    assert sorted(p.name for p in committed.glob("*.py*")) == sorted(p.name for p in tmp_path.glob("*.py*"))
 
 
 def test_user_generated_stubs_drive_the_server(tmp_path, server):
