@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -248,7 +249,9 @@ def test_client_imports_without_the_server_or_onnxruntime():
         "assert not loaded, loaded\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    client_source = Path(__file__).resolve().parents[1] / "clients" / "python"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(client_source)})
     assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
 
 

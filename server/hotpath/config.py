@@ -44,8 +44,8 @@ def read_config(model_dir: Path) -> model_config_pb2.ModelConfig:
     path = model_dir / CONFIG_FILE
     if path.exists():
         try:
-            text_format.Parse(path.read_text(), config)
-        except text_format.ParseError as exc:
+            text_format.Parse(path.read_text(encoding="utf-8"), config)
+        except (OSError, UnicodeDecodeError, text_format.ParseError) as exc:
             raise LoadError(f"{path}: {exc}") from exc
     if config.name and config.name != model_dir.name:
         raise LoadError(f"{path}: name '{config.name}' does not match the model's directory '{model_dir.name}'")
