@@ -39,6 +39,14 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                        help="CPUs for replicas x threads over all workers (default: what the process may use)")
     serve.add_argument("--pin-threads", action="store_true", help="pin each replica's ONNX Runtime threads to its own cores")
     serve.add_argument("--require-gpu", action="store_true", help="fail KIND_GPU models when CUDA is unavailable instead of using the CPU")
+    serve.add_argument("--metrics-port", type=int, default=defaults.metrics_port,
+                       help=f"HTTP port of the Prometheus metrics endpoint at /metrics (default {defaults.metrics_port}; 0 turns it off)")
+    serve.add_argument("--trace-endpoint", default=defaults.trace_endpoint,
+                       help="OTLP collector for traces, e.g. http://localhost:4317 (default: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT; "
+                            "tracing is off without either)")
+    serve.add_argument("--trace-sampling", type=float, default=defaults.trace_sampling, metavar="RATIO",
+                       help="fraction of calls without a sampled caller that start a trace (default: OTEL_TRACES_SAMPLER_ARG, else 0.01)")
+    serve.add_argument("--no-trace", dest="tracing", action="store_false", help="turn tracing off whatever OTEL_* says")
     serve.add_argument("--log-level", default=defaults.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(func=_serve)
 
@@ -47,13 +55,24 @@ def _serve(args: argparse.Namespace) -> int:
     from hotpath.demo import ensure_demo_repository
     from hotpath.server import serve
 
+    from hotpath.telemetry import trace_settings
+
     if args.workers < 1:
         log.error("--workers must be at least 1, got %d", args.workers)
+        return 2
+    if not 0 <= args.metrics_port <= 65535:
+        log.error("--metrics-port must be a port number (0 turns the endpoint off), got %d", args.metrics_port)
         return 2
     settings = Settings(model_repository=args.model_repository, host=args.host, port=args.port,
                         max_message_bytes=args.max_message_size, workers=args.workers, cpus=args.cpus,
                         pin_threads=args.pin_threads, require_gpu=args.require_gpu, log_level=args.log_level,
-                        cache_bytes=args.cache_size)
+                        cache_bytes=args.cache_size, metrics_port=args.metrics_port, tracing=args.tracing,
+                        trace_endpoint=args.trace_endpoint, trace_sampling=args.trace_sampling)
+    try:
+        trace_settings(settings)
+    except ValueError as exc:
+        log.error("tracing: %s", exc)
+        return 2
     repository = settings.model_repository
     if repository is None:
         repository = ensure_demo_repository()
@@ -62,7 +81,11 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("model repository %s is not a directory", repository)
         return 2
     log.info("settings: %s", settings)
-    asyncio.run(serve(settings, repository))
+    try:
+        asyncio.run(serve(settings, repository))
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
     return 0
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import time
 
-from hotpath import __version__
+from opentelemetry.trace import Span
+
+from hotpath import __version__, telemetry
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._codec import join_bytes
 from hotpath._proto import model_config_pb2
@@ -66,10 +68,15 @@ class DataPlane:
         """The served model for name and version; raises InvalidArgument or ModelNotFound."""
         return self.repository.get(name, version)
 
-    async def infer(self, request: pb.ModelInferRequest, deadline_ns: int = 0) -> pb.ModelInferResponse:
-        """Run one inference request; raises InferenceError with the status to report."""
+    async def infer(self, request: pb.ModelInferRequest, deadline_ns: int = 0, span: Span | None = None) -> pb.ModelInferResponse:
+        """Run one inference request; raises InferenceError with the status to report.
+
+        `span` is the call's trace span when it is sampled; the request's steps are recorded under it.
+        """
         start = time.monotonic_ns()
         model = self.repository.get(request.model_name, request.model_version)
+        if span is not None:
+            span.set_attributes({"hotpath.model.name": model.name, "hotpath.model.version": model.version})
         codec = self._codec(model)
         try:
             inputs, rows, key = codec.decode(request)
@@ -79,6 +86,8 @@ class DataPlane:
                 lookup = time.monotonic_ns()
                 cache_key = self._cache_key(model, request, inputs)
                 body = self.cache.get(model.name, cache_key)
+                if span is not None:
+                    telemetry.record_step(span, "cache lookup", lookup, {"hotpath.cache.hit": body is not None})
                 if body is not None:
                     response = pb.ModelInferResponse.FromString(body)
                     response.id = request.id
@@ -86,8 +95,11 @@ class DataPlane:
                     model.stats.request_done(True, time.monotonic_ns() - start, rows)
                     return response
                 lookup = time.monotonic_ns() - lookup
-            outputs = await model.infer(inputs, rows, key, deadline_ns)
+            outputs = await model.infer(inputs, rows, key, deadline_ns, span)
+            encoding = time.monotonic_ns()
             response = codec.encode(request.id, outputs, chosen)
+            if span is not None:
+                telemetry.record_step(span, "response encoding", encoding)
             size = response.ByteSize() + STREAM_ENVELOPE_BYTES
             if size > self._message_limit:
                 raise ResponseTooLarge(f"model '{model.name}': the response would be {size} bytes, over the server's message limit of "
@@ -98,8 +110,8 @@ class DataPlane:
                 self.cache.put(model.name, cache_key, response.SerializeToString())
                 response.id = request.id
                 model.stats.add("cache_miss", lookup + time.monotonic_ns() - insert)
-        except InferenceError:
-            model.stats.request_done(False, time.monotonic_ns() - start, 0)
+        except InferenceError as exc:
+            model.stats.request_done(False, time.monotonic_ns() - start, 0, exc.code)
             raise
         model.stats.request_done(True, time.monotonic_ns() - start, rows)
         return response

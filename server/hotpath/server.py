@@ -22,15 +22,19 @@ from hotpath._proto._pool import POOL
 from hotpath.cache import ResponseCache
 from hotpath.dataplane import DataPlane
 from hotpath.errors import InferenceError
+from hotpath.metrics import MetricsEndpoint
 from hotpath.repository import ModelRepository
 from hotpath.servicer import InferenceServicer
 from hotpath.settings import Settings
 from hotpath.stats import StatsStore
+from hotpath.telemetry import configure_tracing
 from hotpath.workers import LocalCoordinator, Supervisor, WorkerLink
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+CACHE_STATS_PERIOD_S = 1.0
+"""How often each process copies its response cache's numbers into the statistics the metrics endpoint reads."""
 
 for _file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
     POOL.AddSerializedFile(_file.serialized_pb)
@@ -52,17 +56,19 @@ class Server:
         self.settings = settings
         self.repository = ModelRepository(repository_path, settings, StatsStore(settings.run_dir, settings.worker_index))
         self.link = WorkerLink(link, self.repository) if link is not None else None
-        cache = ResponseCache(settings.cache_bytes // settings.workers) if settings.cache_bytes else None
-        self.dataplane = DataPlane(self.repository, self.link or LocalCoordinator(self.repository), cache)
+        self.cache = ResponseCache(settings.cache_bytes // settings.workers) if settings.cache_bytes else None
+        self.dataplane = DataPlane(self.repository, self.link or LocalCoordinator(self.repository), self.cache)
+        self.tracing = configure_tracing(settings)
         self.health = HealthServicer()
         self.repository.on_change.append(self._on_model_change)
         self._server = grpc.aio.server(options=grpc_options(settings))
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), self._server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane, self.tracing), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server, pool=POOL)
         self.port = 0
+        self._cache_stats: asyncio.Task | None = None
 
     def _on_model_change(self, name: str, ready: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -89,6 +95,8 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}")
         await self._server.start()
+        if self.cache is not None:
+            self._cache_stats = asyncio.get_running_loop().create_task(self._publish_cache_stats())
         log.info("listening on %s:%d with %d model version(s), pid %d",
                  self.settings.host, self.port, len(self.repository.served()), os.getpid())
 
@@ -97,6 +105,22 @@ class Server:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.settings.grace_seconds)
         await self.repository.close()
+        if self._cache_stats is not None:
+            self._cache_stats.cancel()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
+
+    async def _publish_cache_stats(self) -> None:
+        """Every CACHE_STATS_PERIOD_S, record each model's cache entries, bytes and evictions on its latest version."""
+        while True:
+            latest = {}
+            for model in self.repository.served():
+                if model.version > getattr(latest.get(model.name), "version", -1):
+                    latest[model.name] = model
+            for name, model in latest.items():
+                numbers = self.cache.stats(name)
+                model.stats.set_cache(numbers.entries, numbers.bytes, numbers.evictions)
+            await asyncio.sleep(CACHE_STATS_PERIOD_S)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
@@ -130,7 +154,12 @@ async def serve(settings: Settings, repository_path: Path) -> None:
     stop = _stop_on_signals()
     settings = replace(settings, run_dir=_run_dir())
     single = settings.workers == 1
+    metrics = None
     try:
+        if settings.metrics_port:
+            metrics = MetricsEndpoint(StatsStore(settings.run_dir, 0), settings.host, settings.metrics_port)
+            metrics.start()
+            log.info("Prometheus metrics at http://%s:%d/metrics", settings.host, metrics.port)
         if single:
             server = Server(settings, repository_path)
             await server.start()
@@ -144,4 +173,6 @@ async def serve(settings: Settings, repository_path: Path) -> None:
         log.info("shutting down")
         await (server.stop() if single else supervisor.stop())
     finally:
+        if metrics is not None:
+            metrics.stop()
         shutil.rmtree(settings.run_dir, ignore_errors=True)

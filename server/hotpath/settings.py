@@ -46,7 +46,18 @@ class Settings:
     """Server-wide response cache budget in bytes; 0 disables the cache for every model."""
 
     metrics_port: int = 8002
-    """HTTP port of the Prometheus metrics endpoint; 0 turns it off."""
+    """HTTP port of the Prometheus metrics endpoint (served on `host` by the top-level process); 0 turns it off."""
+
+    tracing: bool = True
+    """False (--no-trace) turns tracing off whatever the OTEL_* variables say."""
+
+    trace_endpoint: str = ""
+    """OTLP collector endpoint for traces, e.g. http://localhost:4317; "" reads OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT,
+    and without either tracing is off."""
+
+    trace_sampling: float | None = None
+    """Fraction of calls without a caller's trace context that start a trace; None reads OTEL_TRACES_SAMPLER[_ARG],
+    else 0.01. A caller's sampled `traceparent` is always continued."""
 
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR."""

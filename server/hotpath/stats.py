@@ -1,14 +1,19 @@
 """Per-model statistics in Triton's shape, kept as counters in one flat int64 array.
 
 A flat array (rather than Python attributes) lets several server processes each keep their own
-counters in shared memory and any one of them report the sum.
+counters in shared memory and any one of them report the sum. Beyond Triton's statistics the array
+holds what the Prometheus endpoint (`metrics.py`) shows: failures by gRPC status, fixed-bucket
+duration histograms, and gauges that every process sets for its own share (summing gives the server's).
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from hotpath._proto import grpc_service_pb2 as pb
@@ -16,11 +21,31 @@ from hotpath._proto import grpc_service_pb2 as pb
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
 """Triton's InferStatistics durations; each is a (count, ns) pair of counters."""
 
-_INDEX = {name: 2 * i for i, name in enumerate(DURATIONS)}
+DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds, in seconds, of the request, queue and compute duration histograms (then +Inf)."""
+
+HISTOGRAMS = ("request", "queue", "compute")
+"""Duration histograms: request (whole request), queue (per request), compute (per batch execution)."""
+
+STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+"""gRPC status number -> name, the reasons a request can fail with."""
+
+GAUGES = ("queue_depth", "in_flight", "replicas", "busy_ns", "cache_entries", "cache_bytes", "cache_evictions")
+"""Values each process sets (or, for busy_ns, accumulates) for its own share of a model version."""
+
+DURATION_INDEX = {name: 2 * i for i, name in enumerate(DURATIONS)}
+"""Where each duration's (count, ns) pair starts."""
 INFERENCE_COUNT = 2 * len(DURATIONS)
 EXECUTION_COUNT = INFERENCE_COUNT + 1
 LAST_INFERENCE_MS = INFERENCE_COUNT + 2
-_BATCH_BASE = INFERENCE_COUNT + 3
+FAILURES = LAST_INFERENCE_MS + 1
+"""Failed requests per gRPC status number."""
+_BUCKETS_NS = tuple(round(bound * 1e9) for bound in DURATION_BUCKETS)
+_HISTOGRAM_SIZE = len(DURATION_BUCKETS) + 1
+HISTOGRAM = {name: FAILURES + len(STATUS_NAMES) + i * _HISTOGRAM_SIZE for i, name in enumerate(HISTOGRAMS)}
+"""Where each duration histogram's per-bucket (not cumulative) counts start, the last one +Inf."""
+GAUGE = {name: HISTOGRAM[HISTOGRAMS[-1]] + _HISTOGRAM_SIZE + i for i, name in enumerate(GAUGES)}
+_BATCH_BASE = GAUGE[GAUGES[-1]] + 1
 _BATCH_FIELDS = 4
 """Per batch size: executions, then input, infer and output nanoseconds."""
 
@@ -28,6 +53,11 @@ _BATCH_FIELDS = 4
 def counters_size(max_batch_size: int) -> int:
     """Number of int64 counters a model with this max_batch_size needs."""
     return _BATCH_BASE + (max(max_batch_size, 1) + 1) * _BATCH_FIELDS
+
+
+def max_batch_size_of(size: int) -> int:
+    """The max_batch_size (at least 1) that a counters array of `size` int64s was made for."""
+    return (size - _BATCH_BASE) // _BATCH_FIELDS - 1
 
 
 class ModelStats:
@@ -42,20 +72,33 @@ class ModelStats:
 
     def add(self, duration: str, ns: int, count: int = 1) -> None:
         """Count `count` events of a named duration that took `ns` nanoseconds together."""
-        i = _INDEX[duration]
+        i = DURATION_INDEX[duration]
         c = self.counters
         c[i] += count
         c[i + 1] += ns
 
-    def request_done(self, success: bool, ns: int, rows: int) -> None:
-        """Count one finished request of `rows` rows."""
-        self.add("success" if success else "fail", ns)
+    def request_done(self, success: bool, ns: int, rows: int, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> None:
+        """Count one finished request of `rows` rows; a failed one under its gRPC status `code`."""
+        c = self.counters
+        c[HISTOGRAM["request"] + bisect_left(_BUCKETS_NS, ns)] += 1
         if success:
-            self.counters[INFERENCE_COUNT] += rows
-            self.counters[LAST_INFERENCE_MS] = time.time_ns() // 1_000_000
+            self.add("success", ns)
+            c[INFERENCE_COUNT] += rows
+            c[LAST_INFERENCE_MS] = time.time_ns() // 1_000_000
+        else:
+            self.add("fail", ns)
+            c[FAILURES + code.value[0]] += 1
+
+    def queued(self, waits_ns: list[int]) -> None:
+        """Count requests that left the queue for a replica after waiting `waits_ns` each."""
+        c = self.counters
+        base = HISTOGRAM["queue"]
+        for ns in waits_ns:
+            c[base + bisect_left(_BUCKETS_NS, ns)] += 1
+        self.add("queue", sum(waits_ns), len(waits_ns))
 
     def batch_done(self, rows: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        """Count one model execution over `rows` rows."""
+        """Count one model execution over `rows` rows; the replica was busy for input and infer."""
         c = self.counters
         c[EXECUTION_COUNT] += 1
         b = _BATCH_BASE + min(rows, self.max_batch_size) * _BATCH_FIELDS
@@ -65,12 +108,36 @@ class ModelStats:
         c[b + 3] += output_ns
         for name, ns in (("compute_input", input_ns), ("compute_infer", infer_ns), ("compute_output", output_ns)):
             self.add(name, ns)
+        c[HISTOGRAM["compute"] + bisect_left(_BUCKETS_NS, input_ns + infer_ns + output_ns)] += 1
+        c[GAUGE["busy_ns"]] += input_ns + infer_ns
+
+    def set_gauge(self, name: str, value: int) -> None:
+        """Set this process's share of a gauge in GAUGES."""
+        self.counters[GAUGE[name]] = value
+
+    def set_load(self, queued: int, running: int) -> None:
+        """Record the requests waiting in the queue and those in running batches."""
+        c = self.counters
+        c[GAUGE["queue_depth"]] = queued
+        c[GAUGE["in_flight"]] = queued + running
+
+    def set_cache(self, entries: int, size_bytes: int, evictions: int) -> None:
+        """Record this process's response cache state for the model: entries, bytes, evictions so far."""
+        c = self.counters
+        c[GAUGE["cache_entries"]] = entries
+        c[GAUGE["cache_bytes"]] = size_bytes
+        c[GAUGE["cache_evictions"]] = evictions
 
     def batch_sizes(self) -> dict[int, int]:
         """Executions per batch size, for sizes that ran at least once."""
-        return {size: int(self.counters[_BATCH_BASE + size * _BATCH_FIELDS])
-                for size in range(self.max_batch_size + 1)
-                if self.counters[_BATCH_BASE + size * _BATCH_FIELDS]}
+        return batch_sizes(self.counters, self.max_batch_size)
+
+
+def batch_sizes(counters: np.ndarray, max_batch_size: int) -> dict[int, int]:
+    """Executions per batch size in (possibly summed) counters, for sizes that ran at least once."""
+    return {size: int(counters[_BATCH_BASE + size * _BATCH_FIELDS])
+            for size in range(max(max_batch_size, 1) + 1)
+            if counters[_BATCH_BASE + size * _BATCH_FIELDS]}
 
 
 def to_proto(name: str, version: int, counters: np.ndarray, max_batch_size: int) -> pb.ModelStatistics:
@@ -78,7 +145,7 @@ def to_proto(name: str, version: int, counters: np.ndarray, max_batch_size: int)
     c = counters
     out = pb.ModelStatistics(name=name, version=str(version), last_inference=int(c[LAST_INFERENCE_MS]),
                              inference_count=int(c[INFERENCE_COUNT]), execution_count=int(c[EXECUTION_COUNT]))
-    for duration, i in _INDEX.items():
+    for duration, i in DURATION_INDEX.items():
         getattr(out.inference_stats, duration).count = int(c[i])
         getattr(out.inference_stats, duration).ns = int(c[i + 1])
     for size in range(max(max_batch_size, 1) + 1):
@@ -114,16 +181,34 @@ class StatsStore:
         staging = directory / f".w{self.worker}.i64.tmp"
         np.zeros(counters_size(max_batch_size), np.int64).tofile(staging)
         staging.replace(path)
-        return ModelStats(max_batch_size, np.memmap(path, np.int64, mode="r+"))
+        return ModelStats(max_batch_size, np.memmap(path, np.int64, mode="r+").view(np.ndarray))
 
     def total(self, name: str, version: int, max_batch_size: int) -> np.ndarray:
         """The sum of every process's counters for a model version."""
         size = counters_size(max_batch_size)
-        total = np.zeros(size, np.int64)
-        for path in self._dir(name, version).glob("w*.i64"):
-            counters = np.fromfile(path, np.int64)
-            if counters.shape == (size,):
-                total += counters
-        total[LAST_INFERENCE_MS] = max((np.fromfile(p, np.int64)[LAST_INFERENCE_MS]
-                                        for p in self._dir(name, version).glob("w*.i64")), default=0)
-        return total
+        return _sum(self._dir(name, version), size)
+
+    def totals(self) -> Iterator[tuple[str, int, int, np.ndarray]]:
+        """(name, version, max_batch_size, summed counters) of every model version any process has served.
+
+        Reads only the files, so it works in a process that serves no models (the supervisor).
+        """
+        for directory in sorted(self.root.glob("*/*")):
+            files = list(directory.glob("w*.i64"))
+            if not directory.name.isdigit() or not files:
+                continue
+            newest = max(files, key=lambda p: p.stat().st_mtime_ns)
+            size = newest.stat().st_size // 8
+            yield directory.parent.name, int(directory.name), max_batch_size_of(size), _sum(directory, size)
+
+
+def _sum(directory: Path, size: int) -> np.ndarray:
+    """The sum over a model version's per-process files of `size` counters (the latest inference: the max)."""
+    total = np.zeros(size, np.int64)
+    for path in directory.glob("w*.i64"):
+        counters = np.fromfile(path, np.int64)
+        if counters.shape == (size,):
+            last = max(total[LAST_INFERENCE_MS], counters[LAST_INFERENCE_MS])
+            total += counters
+            total[LAST_INFERENCE_MS] = last
+    return total
