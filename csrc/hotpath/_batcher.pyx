@@ -90,8 +90,8 @@ cdef class BatchQueue:
              long long deadline_ns=0, context=None):
         """Queue a request, or raise QueueFull at once when the queue holds max_queue_size requests.
 
-        `deadline_ns` is the caller's own deadline (0: none); the queue policy's timeout applies on
-        top of it, and replaces a later caller deadline unless overrides are allowed.
+        `deadline_ns` is the caller's own deadline (0: none). A queue policy timeout, when set,
+        replaces it; where overrides are allowed, an earlier caller deadline still wins.
         """
         if len(self._items) >= self.max_queue_size:
             raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
