@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from bench import load
+from bench import compare, load
 from bench.ceiling import cpu_session
 from bench.models import INPUT_NAME, MODELS, write_repository
-from bench.run import ServerProcess, free_port, main, server_command
+from bench.run import ServerProcess, free_port, main, server_command, start_server
 from hotpath._proto import model_config_pb2
 
 requires_h2load = pytest.mark.skipif(
@@ -31,7 +31,15 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def naive_server(repository: Path, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("logs") / "naive.log"
-    with ServerProcess("naive", server_command("naive", repository, port), log_path, port) as server:
+    with start_server("naive", server_command("naive", repository, port), log_path, port) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def hotpath_server(repository: Path, tmp_path_factory: pytest.TempPathFactory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("logs") / "hotpath.log"
+    with start_server("hotpath", server_command("hotpath", repository, port), log_path, port) as server:
         yield server
 
 
@@ -118,3 +126,61 @@ def test_bench_python_client_zipf_writes_json_and_plot(tmp_path: Path) -> None:
 def test_bench_h2load_client_writes_json_and_plot(tmp_path: Path) -> None:
     results = _run_bench(tmp_path, "--client", "h2load")
     _check_runs(results, "h2load", "fixed")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_python_client_counts_errors_by_status_unary_and_streaming(hotpath_server: ServerProcess, streaming: bool) -> None:
+    bodies = [load.infer_request("tiny", np.zeros((1, 3), np.float32)).SerializeToString()]
+    result = load.run_python(hotpath_server.target, "tiny", bodies, np.arange(1), "fixed", 4, 0.3,
+                             hotpath_server.process.pid, streaming=streaming)
+    assert result.requests == 0 and result.streaming is streaming
+    assert list(result.errors) == ["STREAM_ERROR" if streaming else "INVALID_ARGUMENT"]
+    assert result.errors[list(result.errors)[0]] > 4
+
+
+def test_open_loop_offers_the_poisson_rate(hotpath_server: ServerProcess) -> None:
+    rows = load.input_rows("random", 16, 50, seed=0)
+    bodies = [load.infer_request("tiny", row[None, :]).SerializeToString() for row in rows]
+    result = load.run_python(hotpath_server.target, "tiny", bodies, np.arange(50), "random", 64, 2.0,
+                             hotpath_server.process.pid, rate_rps=200, streaming=True, seed=1)
+    assert result.errors == {} and result.rate_rps == 200
+    assert 300 <= result.requests <= 500
+    assert 0 < result.latency_ms["p50"] <= result.latency_ms["p99.9"]
+
+
+def test_server_config_specs_parse_and_bad_ones_say_why(tmp_path: Path) -> None:
+    config_path = tmp_path / "config.pbtxt"
+    config_path.write_text("max_batch_size: 8")
+    parsed = compare.ServerConfig.parse(f"t=--workers 2 --model-config tiny={config_path} --cache-size 1MiB")
+    assert (parsed.name, parsed.server, parsed.flags) == ("t", "hotpath", ["--workers", "2", "--cache-size", "1MiB"])
+    assert parsed.model_configs == {"tiny": config_path}
+    assert compare.ServerConfig.parse("default=") == compare.ServerConfig("default")
+    assert compare.ServerConfig.parse("n=@naive").server == "naive"
+    for bad, why in (("--workers 2", "NAME=SPEC"), ("n=@naive --workers 2", "no hotpath flags"),
+                     ("t=--model-config tiny=/nonexistent", "MODEL=PATH")):
+        with pytest.raises(ValueError, match=why):
+            compare.ServerConfig.parse(bad)
+
+
+def test_compare_interleaves_configurations_and_reports_ratios(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    small_batches = tmp_path / "small.pbtxt"
+    config = text_format.Parse((write_repository(tmp_path / "repo", ["tiny"]) / "tiny" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    config.max_batch_size = 4
+    small_batches.write_text(text_format.MessageToString(config))
+    json_path = compare.main(
+        ["--config", "one=", "--config", f"small=--model-config tiny={small_batches}", "--config", "naive=@naive",
+         "--models", "tiny", "--concurrency", "8", "--rounds", "2", "--duration", "0.4", "--warmup", "0.1",
+         "--ceiling-seconds", "0.2", "--out", str(tmp_path / "out")])
+    results = json.loads(json_path.read_text())
+    assert compare.failures(results) == []
+    assert {name: len(runs) for name, runs in results["runs"].items()} == {"one": 2, "small": 2, "naive": 2}
+    small_batch_sizes = {int(size) for run in results["runs"]["small"]
+                         for size in run["server_stats"]["batch_size_executions"]}
+    assert max(small_batch_sizes) <= 4
+    rows = {row["config"]: row for row in results["summary"]}
+    assert rows["one"]["vs_first"] == 1.0
+    assert rows["naive"]["vs_first"] == pytest.approx(rows["naive"]["throughput_rps"] / rows["one"]["throughput_rps"])
+    assert 0 < rows["small"]["of_ceiling"] < 1
+    assert json_path.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    assert "vs one" in capsys.readouterr().out

@@ -89,11 +89,55 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _concurrency_list(text: str) -> list[int]:
+    try:
+        return [int(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 16,64; got {text!r}") from None
+
+
+def _add_tune(subparsers: argparse._SubParsersAction) -> None:
+    tune = subparsers.add_parser(
+        "tune", help="find the fastest configuration of one model on this machine, within a p99 latency budget",
+        description="Serve MODEL under load in a series of candidate configurations (workers x replicas x threads, "
+                    "max batch size, queue delay, response cache), keep the fastest whose p99 fits the budget, "
+                    "and write its config.pbtxt with a report (table and plot) of every trial.")
+    tune.add_argument("model", metavar="MODEL", help="the model's directory name in the repository")
+    tune.add_argument("--model-repository", type=Path, required=True, help="Triton-layout model repository holding MODEL")
+    tune.add_argument("--latency-budget-ms", type=float, help="p99 latency a configuration must stay within (default: none)")
+    tune.add_argument("--time-budget", type=float, default=180.0, help="seconds the whole search may take (default 180)")
+    tune.add_argument("--concurrency", type=_concurrency_list, default=[64],
+                      help="requests in flight to measure at, comma-separated; the best level within budget counts (default 64)")
+    tune.add_argument("--distribution", choices=("random", "zipf", "replay"), default="random",
+                      help="inputs like your traffic: random (no repeats), zipf (popular inputs repeat) or replay "
+                           "(--replay rows); the response cache is tried only for zipf and replay")
+    tune.add_argument("--replay", type=Path, help=".npy file of input rows for --distribution replay")
+    tune.add_argument("--pool-size", type=int, default=10_000, help="distinct inputs for random and zipf (default 10000)")
+    tune.add_argument("--client", choices=("auto", "h2load", "python"), default="auto",
+                      help="load client: auto uses h2load for random inputs when installed, else the Python client")
+    tune.add_argument("--cpus", type=int, default=0, help="CPUs the tuned server may use (default: what this process may use)")
+    tune.add_argument("--duration", type=float, default=2.0, help="measured seconds per load level (default 2)")
+    tune.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each measurement (default 1)")
+    tune.add_argument("--confirm-rounds", type=int, default=3,
+                      help="interleaved rounds of the start and the winner side by side at the end (default 3)")
+    tune.add_argument("--output", type=Path, help="where to write the tuned config (default MODEL/config.tuned.pbtxt)")
+    tune.add_argument("--write", action="store_true", help="replace MODEL/config.pbtxt with the tuned config")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.set_defaults(func=_tune, log_level="WARNING")
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from hotpath.tune import tune_command
+
+    return tune_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="hotpath", description="A fast gRPC inference server for ONNX models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve(subparsers)
+    _add_tune(subparsers)
     add_drift_commands(subparsers)
     return parser
 

@@ -1,0 +1,122 @@
+"""`hotpath tune`: candidates never oversubscribe the CPUs, and a short run writes a config a server loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from bench.ceiling import cpu_session
+from bench.models import INPUT_NAME, MODELS, write_repository
+from hotpath import loadgen
+from hotpath._proto import grpc_service_pb2_grpc as pb_grpc
+from hotpath._proto import model_config_pb2
+from hotpath.settings import available_cpus
+from hotpath.tune import Candidate, Trial, Tuner, placements, threads_used
+
+
+def _tune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hotpath.cli", "tune", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("cpus", range(1, 34))
+def test_placements_use_at_most_the_cpus_and_try_each_worker_count(cpus: int) -> None:
+    found = placements(cpus)
+    assert len(found) == len(set(found))
+    for workers, replicas, threads, execution in found:
+        assert min(workers, replicas, threads) >= 1
+        assert workers * replicas * threads <= cpus
+        assert execution in ("inline", "threads") and (execution == "threads" or replicas == 1)
+        assert threads_used(Candidate(workers, replicas, threads, execution), cpus) <= cpus
+    assert {workers for workers, *_ in found} >= {1, cpus}
+    assert (1, 1, cpus, "threads") in found and (1, cpus, 1, "threads") in found
+
+
+def test_candidate_apply_overrides_only_what_it_sets() -> None:
+    config = model_config_pb2.ModelConfig(name="m", max_batch_size=16)
+    config.instance_group.add(count=3)
+    config.dynamic_batching.max_queue_delay_microseconds = 50
+    config.parameters["custom"].string_value = "kept"
+
+    as_configured = Candidate().apply(config)
+    assert as_configured.instance_group[0].count == 3 and as_configured.max_batch_size == 16
+    assert as_configured.dynamic_batching.max_queue_delay_microseconds == 50
+    assert "execution" not in as_configured.parameters
+
+    threads = Candidate(2, 2, 1, "threads", 32, 500, True).apply(config)
+    assert [(group.count, group.kind) for group in threads.instance_group] == [(2, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
+    assert threads.parameters["intra_op_thread_count"].string_value == "1"
+    assert threads.parameters["execution"].string_value == "threads"
+    assert (threads.max_batch_size, threads.dynamic_batching.max_queue_delay_microseconds) == (32, 500)
+    assert threads.response_cache.enable and threads.parameters["custom"].string_value == "kept"
+
+    inline = Candidate(1, 1, 2, "inline", 8, 0).apply(config)
+    assert not inline.instance_group and inline.parameters["execution"].string_value == "inline"
+    assert config.instance_group[0].count == 3 and "execution" not in config.parameters
+    assert Candidate(2, 2, 1, "threads").server_flags(4) == ["--workers", "2", "--cpus", "4"]
+    assert "--cache-size" in Candidate(cache=True).server_flags(4)
+
+
+def test_a_trial_must_be_clearly_faster_to_win() -> None:
+    def trial(score: float | None) -> Trial:
+        return Trial(1, "start", Candidate(), [], score, 1.0 if score else None, 64 if score else None)
+
+    assert trial(110).beats(trial(100)) and not trial(102).beats(trial(100))
+    assert trial(1).beats(trial(None)) and not trial(None).beats(trial(100))
+    assert Tuner.vary(Candidate(), "placement", (2, 1, 1, "inline")) == Candidate(2, 1, 1, "inline")
+    assert Tuner.vary(Candidate(max_batch_size=8), "delay", 250).queue_delay_us == 250
+
+
+def test_tune_rejects_bad_arguments_before_starting_anything(tmp_path: Path) -> None:
+    write_repository(tmp_path, ["tiny"])
+    missing = _tune("nope", "--model-repository", str(tmp_path))
+    assert missing.returncode == 2 and "no model 'nope'" in missing.stderr
+    own = _tune("tiny", "--model-repository", str(tmp_path), "--output", str(tmp_path / "tiny" / "config.pbtxt"))
+    assert own.returncode == 2 and "add --write" in own.stderr
+    zipf = _tune("tiny", "--model-repository", str(tmp_path), "--distribution", "zipf", "--client", "h2load")
+    assert zipf.returncode == 2 and "--client python" in zipf.stderr
+    too_many = _tune("tiny", "--model-repository", str(tmp_path), "--cpus", str(available_cpus() + 1))
+    assert too_many.returncode == 2 and "CPUs this process may use" in too_many.stderr
+
+
+def test_short_tune_writes_a_config_that_a_server_loads(tmp_path: Path) -> None:
+    repository = write_repository(tmp_path / "repo", ["tiny"])
+    original = (repository / "tiny" / "config.pbtxt").read_text()
+    done = _tune("tiny", "--model-repository", str(repository), "--time-budget", "20", "--duration", "0.3",
+                 "--warmup", "0.1", "--confirm-rounds", "1", "--concurrency", "8", "--latency-budget-ms", "500")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (repository / "tiny" / "config.pbtxt").read_text() == original
+    tuned_path = repository / "tiny" / "config.tuned.pbtxt"
+    tuned = text_format.Parse(tuned_path.read_text(), model_config_pb2.ModelConfig())
+    assert tuned.name == "tiny" and list(tuned.input[0].dims) == [16]
+
+    report = json.loads((repository / "tiny" / "tune-report.json").read_text())
+    assert len(report["trials"]) >= 3 and report["trials"][0]["stage"] == "start"
+    assert report["elapsed_s"] < 40
+    cpus = available_cpus()
+    for trial in report["trials"]:
+        assert threads_used(Candidate(**trial["candidate"]), cpus) <= cpus
+        assert trial["note"] == "" and trial["score_rps"] > 0 and trial["p99_ms"] <= 500
+    assert report["confirmation"]["start"]["throughput_rps"] > 0
+    assert "| # | stage |" in (repository / "tiny" / "tune-report.md").read_text()
+    assert (repository / "tiny" / "tune-report.png").read_bytes().startswith(b"\x89PNG")
+
+    served = loadgen.overlay_repository(repository, tmp_path / "served", ["tiny"], {"tiny": tuned_path.read_text()})
+    flags = report["chosen"]["serve_flags"][2:]
+    command = [sys.executable, "-m", "hotpath.cli", "serve", "--model-repository", str(served), "--host", "127.0.0.1",
+               "--port", "0", "--metrics-port", "0", *flags]
+    rows = np.random.default_rng(0).standard_normal((3, MODELS["tiny"].in_features), dtype=np.float32)
+    with loadgen.ServerProcess("tuned", command, tmp_path / "tuned.log") as server:
+        with grpc.insecure_channel(server.target) as channel:
+            response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                loadgen.infer_request("tiny", {INPUT_NAME: rows}), timeout=10)
+    got = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(3, -1)
+    want = cpu_session(repository / "tiny" / "1" / "model.onnx").run(None, {INPUT_NAME: rows})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
