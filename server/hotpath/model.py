@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -34,6 +35,7 @@ from hotpath.stats import ModelStats, StatsStore
 log = logging.getLogger(__name__)
 
 KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
+CPU_DEVICE = -1
 DEFAULT_MAX_QUEUE_SIZE = 4096
 """Requests a model's queue holds when its config sets no `max_queue_size`."""
 INLINE_LIMIT_NS = 500_000
@@ -48,11 +50,18 @@ class ReplicaPlan:
     count: int
     intra_threads: int
     inter_threads: int
-    gpus: tuple[int, ...]
+    devices: tuple[int, ...]
+    """Per replica: the GPU it runs on, or CPU_DEVICE."""
     inline: bool = False
 
+    @property
+    def gpus(self) -> tuple[int, ...]:
+        """The GPU of every replica placed on one."""
+        return tuple(d for d in self.devices if d != CPU_DEVICE)
+
     def describe(self) -> str:
-        where = f"GPU {list(self.gpus)}" if self.gpus else "CPU"
+        on_cpu = CPU_DEVICE in self.devices
+        where = " and ".join((["CPU"] if on_cpu else []) + ([f"GPU {list(self.gpus)}"] if self.gpus else []))
         runner = "on the event loop's thread" if self.inline else "each on its own thread"
         return f"{self.count} replica(s) on {where} x {self.intra_threads} intra-op thread(s), batches run {runner}"
 
@@ -61,23 +70,22 @@ def plan_replicas(config: model_config_pb2.ModelConfig, settings: Settings) -> R
     """Choose replicas x threads so that, over every server process, they fit the usable CPUs."""
     cpus = settings.cpus or available_cpus()
     budget = max(1, cpus // max(1, settings.workers))
-    gpus: tuple[int, ...] = ()
-    count = 0
+    devices: tuple[int, ...] = ()
     for group in config.instance_group:
+        per_device = max(1, group.count)
         if group.kind == KIND_GPU:
-            devices = tuple(group.gpus) or (0,)
-            gpus += tuple(d for d in devices for _ in range(max(1, group.count)))
-            count += max(1, group.count) * len(devices)
+            devices += tuple(gpu for gpu in (tuple(group.gpus) or (0,)) for _ in range(per_device))
         else:
-            count += max(1, group.count)
-    if count == 0:
-        count = min(2, budget)
+            devices += (CPU_DEVICE,) * per_device
+    if not devices:
+        devices = (CPU_DEVICE,) * min(2, budget)
+    count = len(devices)
     default_threads = max(1, budget // count)
     intra = parameter(config, "intra_op_thread_count", default_threads)
     inter = parameter(config, "inter_op_thread_count", 1)
     if intra < 1 or inter < 1:
         raise LoadError(f"model '{config.name}': thread counts must be >= 1 (intra_op_thread_count={intra}, inter_op_thread_count={inter})")
-    return ReplicaPlan(count, intra, inter, gpus)
+    return ReplicaPlan(count, intra, inter, devices)
 
 
 class Replica:
@@ -91,26 +99,34 @@ class Replica:
         self.thread: threading.Thread | None = None
         self.span: Span | None = None
         """The trace span of the batch it runs, when that batch serves a sampled request."""
+        self.cores: list[int] = []
+        """With --pin-threads, the CPUs this replica's threads are pinned to (its own thread to the first)."""
 
 
-def _session_options(plan: ReplicaPlan, index: int, pin: bool) -> ort.SessionOptions:
+def pinned_cores(plan: ReplicaPlan, index: int, settings: Settings) -> list[int]:
+    """The CPUs for replica `index` of this worker: its own slice of the process's affinity mask."""
+    usable = sorted(os.sched_getaffinity(0))
+    first = (settings.worker_index * plan.count + index) * plan.intra_threads
+    return [usable[(first + i) % len(usable)] for i in range(plan.intra_threads)]
+
+
+def _session_options(plan: ReplicaPlan, cores: list[int]) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = plan.intra_threads
     options.inter_op_num_threads = plan.inter_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if pin and plan.intra_threads > 1:
-        first = index * plan.intra_threads + 2
-        options.add_session_config_entry(
-            "session.intra_op_thread_affinities", ";".join(str(first + i) for i in range(plan.intra_threads - 1)))
+    if len(cores) > 1:
+        # ORT pins the pool's threads (1-based CPU ids); the calling replica thread pins itself to cores[0].
+        options.add_session_config_entry("session.intra_op_thread_affinities", ";".join(str(c + 1) for c in cores[1:]))
     return options
 
 
 def _create_session(path: Path, plan: ReplicaPlan, index: int, settings: Settings, name: str) -> tuple[ort.InferenceSession, str]:
-    options = _session_options(plan, index, settings.pin_threads)
-    if not plan.gpus:
+    options = _session_options(plan, pinned_cores(plan, index, settings) if settings.pin_threads else [])
+    device = plan.devices[index]
+    if device == CPU_DEVICE:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), "cpu"
-    device = plan.gpus[index % len(plan.gpus)]
     providers: list = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
@@ -159,7 +175,7 @@ def choose_execution(config: model_config_pb2.ModelConfig, plan: ReplicaPlan, se
             return plan
         if best > INLINE_LIMIT_NS:
             return plan
-    return replace(plan, count=1, inline=True)
+    return replace(plan, count=1, devices=plan.devices[:1], inline=True)
 
 
 def _timed_run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> int:
@@ -240,6 +256,9 @@ class Model:
         for index in range(1, plan.count):
             session, device = _create_session(path, plan, index, settings, name)
             replicas.append(Replica(index, session, device))
+        if settings.pin_threads:
+            for replica in replicas:
+                replica.cores = pinned_cores(plan, replica.index, settings)
         return cls(name, version, path, config, replicas, plan, store.create(name, version, config.max_batch_size))
 
     @property
@@ -319,6 +338,8 @@ class Model:
 
     def _serve_replica(self, replica: Replica) -> None:
         """The replica's thread: run each batch, then hand it back to the loop in one callback."""
+        if replica.cores:
+            os.sched_setaffinity(0, {replica.cores[0]})
         get = replica.inbox.get
         while (batch := get()) is not None:
             try:
