@@ -85,3 +85,14 @@ def test_failed_load_reported_from_any_worker(tmp_path, start_server):
         else:
             raise AssertionError("loading a corrupt model must fail")
     np.testing.assert_array_equal(_infer(server.url, 1), np.full((1, 16), 2, np.float32))
+
+
+def test_default_worker_count_is_one_per_usable_cpu_at_most_four(tmp_path, start_server):
+    from hotpath.settings import MAX_AUTO_WORKERS, available_cpus, default_workers
+
+    assert [default_workers(n) for n in (1, 2, 3, 64)] == [1, 2, 3, MAX_AUTO_WORKERS]
+    assert default_workers() == min(available_cpus(), MAX_AUTO_WORKERS)
+    add_sub_model(tmp_path)
+    server = start_server(tmp_path, "--workers", "0")
+    assert server.output().count("listening on") == default_workers()
+    assert f"with {default_workers()} worker process(es)" in server.output()

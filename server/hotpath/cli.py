@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hotpath.drift.cli import add_commands as add_drift_commands
 from hotpath.logs import configure_logging
-from hotpath.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, parse_size
+from hotpath.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, default_workers, parse_size
 
 log = logging.getLogger("hotpath")
 
@@ -34,7 +34,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                        help="response cache budget shared by every model with response_cache { enable: true }, "
                             "e.g. 256MiB (default 0: off); split evenly over the workers")
     serve.add_argument("--workers", type=int, default=defaults.workers,
-                       help=f"front-end processes sharing the port, each with its own GIL (default {defaults.workers})")
+                       help="front-end processes sharing the port, each with its own GIL "
+                            "(default: one per usable CPU, at most 4)")
     serve.add_argument("--cpus", type=int, default=defaults.cpus,
                        help="CPUs for replicas x threads over all workers (default: what the process may use)")
     serve.add_argument("--pin-threads", action="store_true", help="pin each replica's ONNX Runtime threads to its own cores")
@@ -57,14 +58,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     from hotpath.telemetry import trace_settings
 
-    if args.workers < 1:
-        log.error("--workers must be at least 1, got %d", args.workers)
+    if args.workers < 0:
+        log.error("--workers must be at least 1 (or 0 for one per usable CPU), got %d", args.workers)
         return 2
     if not 0 <= args.metrics_port <= 65535:
         log.error("--metrics-port must be a port number (0 turns the endpoint off), got %d", args.metrics_port)
         return 2
     settings = Settings(model_repository=args.model_repository, host=args.host, port=args.port,
-                        max_message_bytes=args.max_message_size, workers=args.workers, cpus=args.cpus,
+                        max_message_bytes=args.max_message_size, workers=args.workers or default_workers(args.cpus), cpus=args.cpus,
                         pin_threads=args.pin_threads, require_gpu=args.require_gpu, log_level=args.log_level,
                         cache_bytes=args.cache_size, metrics_port=args.metrics_port, tracing=args.tracing,
                         trace_endpoint=args.trace_endpoint, trace_sampling=args.trace_sampling)

@@ -53,6 +53,8 @@ class ReplicaPlan:
     devices: tuple[int, ...]
     """Per replica: the GPU it runs on, or CPU_DEVICE."""
     inline: bool = False
+    spinning: bool = False
+    """Whether idle ONNX Runtime pool threads spin-wait (lower latency, but they burn CPU)."""
 
     @property
     def gpus(self) -> tuple[int, ...]:
@@ -85,7 +87,8 @@ def plan_replicas(config: model_config_pb2.ModelConfig, settings: Settings) -> R
     inter = parameter(config, "inter_op_thread_count", 1)
     if intra < 1 or inter < 1:
         raise LoadError(f"model '{config.name}': thread counts must be >= 1 (intra_op_thread_count={intra}, inter_op_thread_count={inter})")
-    return ReplicaPlan(count, intra, inter, devices)
+    spinning = parameter(config, "allow_spinning", 0)
+    return ReplicaPlan(count, intra, inter, devices, spinning=bool(spinning))
 
 
 class Replica:
@@ -116,6 +119,10 @@ def _session_options(plan: ReplicaPlan, cores: list[int]) -> ort.SessionOptions:
     options.inter_op_num_threads = plan.inter_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not plan.spinning:
+        # Idle intra-op threads spin by default, burning the CPU the front end needs between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if len(cores) > 1:
         # ORT pins the pool's threads (1-based CPU ids); the calling replica thread pins itself to cores[0].
         options.add_session_config_entry("session.intra_op_thread_affinities", ";".join(str(c + 1) for c in cores[1:]))

@@ -30,8 +30,9 @@ class Settings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest request or response message, in bytes; larger ones fail with RESOURCE_EXHAUSTED."""
 
-    workers: int = 1
-    """Front-end processes serving the port together (SO_REUSEPORT); each has its own GIL."""
+    workers: int = 0
+    """Front-end processes serving the port together (SO_REUSEPORT), each with its own GIL; 0 means
+    `default_workers()`: one per usable CPU, at most MAX_AUTO_WORKERS."""
 
     cpus: int = 0
     """CPUs the server may use for replicas x threads; 0 means what the process may actually use."""
@@ -70,6 +71,19 @@ class Settings:
 
     worker_index: int = 0
     """Set by the server at start: which of the `workers` processes this is."""
+
+
+MAX_AUTO_WORKERS = 4
+"""Most front-end processes chosen automatically: each loads every model, so more cost memory."""
+
+
+def default_workers(cpus: int = 0) -> int:
+    """Front-end processes when --workers is not given: one per usable CPU, at most MAX_AUTO_WORKERS.
+
+    gRPC's Python layer costs well over 100 us of CPU per request and a process runs one GIL, so a
+    single process leaves cores idle; measured on 2 cores, two workers serve 1.4x the requests of one.
+    """
+    return max(1, min(cpus or available_cpus(), MAX_AUTO_WORKERS))
 
 
 def available_cpus() -> int:

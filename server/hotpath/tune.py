@@ -36,7 +36,7 @@ from hotpath._proto import grpc_service_pb2_grpc as pb_grpc
 from hotpath._proto import model_config_pb2
 from hotpath.config import read_config
 from hotpath.errors import LoadError
-from hotpath.settings import available_cpus
+from hotpath.settings import available_cpus, default_workers
 
 MIN_GAIN = 0.03
 """A candidate must beat the best so far by this fraction of throughput to replace it."""
@@ -53,7 +53,8 @@ KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
 class Candidate:
     """One configuration to try. `replicas == 0` keeps the model's own instance_group and thread
     parameters (the server then chooses as it would for the user), `max_batch_size == 0` its batching
-    settings; the rest override the config. The tuner starts from the model's config on one worker."""
+    settings; the rest override the config. The tuner starts from the model's config on the default
+    number of workers."""
 
     workers: int = 1
     replicas: int = 0
@@ -389,7 +390,7 @@ def tune(args: argparse.Namespace) -> dict:
         print(f"tuning model '{args.model}' on {tuner.cpus} CPUs for {args.time_budget:.0f} s "
               f"(client {args.client}, {args.distribution} inputs, in flight {args.concurrency}, "
               f"p99 latency budget {_budget(args.latency_budget_ms)}):", flush=True)
-        start = Candidate(cache=tuner.config.response_cache.enable)
+        start = Candidate(workers=default_workers(tuner.cpus), cache=tuner.config.response_cache.enable)
         reserve = args.confirm_rounds * 2 * (args.warmup + args.duration) + 6.0
         best = tuner.search(start, reserve)
         start_trial = tuner.trials[0]
