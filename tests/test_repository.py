@@ -248,3 +248,15 @@ def test_reload_under_traffic_drops_nothing(tmp_path, start_server):
 
     asyncio.run(main())
     assert "Traceback" not in server.output(), server.output()
+
+
+def test_load_with_a_config_override_is_refused_not_ignored(tmp_path, start_server):
+    from tritonclient.utils import InferenceServerException
+
+    add_sub_model(tmp_path)
+    server = start_server(tmp_path)
+    with grpcclient.InferenceServerClient(server.url) as client:
+        with pytest.raises(InferenceServerException, match="parameters \\['config'\\] are not supported"):
+            client.load_model("add_sub", config='{"max_batch_size": 4}')
+        client.unload_model("add_sub", unload_dependents=True)
+        assert not client.is_model_ready("add_sub")

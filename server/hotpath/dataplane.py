@@ -6,6 +6,7 @@ The gRPC servicer converts nothing and decides nothing; it calls one method here
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from opentelemetry.trace import Span
 
@@ -15,7 +16,7 @@ from hotpath._codec import join_bytes
 from hotpath._proto import model_config_pb2
 from hotpath.cache import ResponseCache, request_key
 from hotpath.codec import ModelCodec
-from hotpath.errors import InferenceError, ResponseTooLarge
+from hotpath.errors import InferenceError, InvalidArgument, ResponseTooLarge
 from hotpath.model import Model
 from hotpath.repository import ModelRepository, check_model_name
 from hotpath.stats import to_proto
@@ -150,14 +151,20 @@ class DataPlane:
             response.model_stats.append(to_proto(model.name, model.version, counters, model.config.max_batch_size))
         return response
 
-    async def load(self, name: str) -> None:
-        """Load or reload a model on every server process."""
+    async def load(self, name: str, parameters: Sequence[str] = ()) -> None:
+        """Load or reload a model on every server process; a config or files sent with the request are refused."""
         check_model_name(name)
+        if parameters:
+            raise InvalidArgument(f"RepositoryModelLoad parameters {list(parameters)} are not supported: hotpath loads what is in "
+                                  "the model repository; change the files there and load again")
         await self.coordinator.load(name)
 
-    async def unload(self, name: str) -> None:
-        """Unload a model on every server process."""
+    async def unload(self, name: str, parameters: Sequence[str] = ()) -> None:
+        """Unload a model on every server process (hotpath has no ensembles, so there are no dependents to unload)."""
         check_model_name(name)
+        unsupported = [p for p in parameters if p != "unload_dependents"]
+        if unsupported:
+            raise InvalidArgument(f"RepositoryModelUnload parameters {unsupported} are not supported")
         await self.coordinator.unload(name)
 
     def index(self, ready_only: bool = False) -> pb.RepositoryIndexResponse:

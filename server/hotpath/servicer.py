@@ -96,12 +96,12 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext, span: Span | None) -> pb.RepositoryModelLoadResponse:
-        await self.dataplane.load(request.model_name)
+        await self.dataplane.load(request.model_name, sorted(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     @grpc_errors
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext, span: Span | None) -> pb.RepositoryModelUnloadResponse:
-        await self.dataplane.unload(request.model_name)
+        await self.dataplane.unload(request.model_name, sorted(request.parameters))
         return pb.RepositoryModelUnloadResponse()
 
     @grpc_errors
