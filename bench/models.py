@@ -38,10 +38,12 @@ class MLPSpec:
         return self.widths[-1]
 
 
+# The tiny model's batches cost less than any wait: with no queue delay it batches whatever arrived in
+# one event-loop pass, which measured faster at 1 and at 64 in flight than a 100 us delay.
 MODELS: dict[str, MLPSpec] = {
     spec.name: spec
     for spec in (
-        MLPSpec("tiny", (16, 64, 4), max_queue_delay_us=100),
+        MLPSpec("tiny", (16, 64, 4), max_queue_delay_us=0),
         MLPSpec("medium", (256, 1024, 1024, 10), max_queue_delay_us=200),
         MLPSpec("large", (1024, 4096, 4096, 1024), max_queue_delay_us=1000),
     )
