@@ -179,7 +179,7 @@ def _share(part: float, whole: float) -> float:
 
 
 def _percent(x: float) -> str:
-    return f"{100 * x:.2g}%"
+    return f"{100 * x:.3g}%"
 
 
 def evaluate_feature(name: str, reference: dict, current: dict | None, limits: Thresholds) -> FeatureResult:
@@ -314,6 +314,12 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _first(names: list[str], limit: int) -> str:
+    """Up to `limit` names, then how many more: a summary line stays one line."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def summary(result: DriftResult) -> str:
     """The terminal report: a line per span, then a table of the newest span's features."""
     lines = [f"model '{result.model}', reference {result.reference_id}: "
@@ -326,7 +332,7 @@ def summary(result: DriftResult) -> str:
         flagged = [f.name for f in span.features if f.status == "alert"]
         lines.append(f"{span.start} .. {span.end}  {span.windows:4d} windows {span.rows:9d} rows  "
                      f"{span.status.upper():9s} drifted {_percent(span.drifted_share)}"
-                     + (f"  flagged: {', '.join(flagged)}" if flagged else ""))
+                     + (f"  flagged: {_first(flagged, 8)}" if flagged else ""))
     if not result.spans:
         return "\n".join(lines)
     newest = result.spans[-1]
