@@ -283,8 +283,12 @@ class Model:
         self._queue.push(future, inputs, rows, key, time.monotonic_ns(), deadline_ns, context)
         self.stats.set_load(len(self._queue), self._running)
         if self._idle and not self._dispatch_scheduled:
-            self._dispatch_scheduled = True
-            loop.call_soon(self._dispatch)
+            if len(self._queue) == 1 and self._running == 0:
+                # Alone, with nothing running: start it (or its delay) now, not after another loop pass.
+                self._dispatch()
+            else:
+                self._dispatch_scheduled = True
+                loop.call_soon(self._dispatch)
         return await future
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
