@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hotpath.drift.cli import add_commands as add_drift_commands
 from hotpath.logs import configure_logging
-from hotpath.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, default_workers, parse_size
+from hotpath.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, available_cpus, default_workers, parse_size
 
 log = logging.getLogger("hotpath")
 
@@ -70,7 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
                         cache_bytes=args.cache_size, metrics_port=args.metrics_port, tracing=args.tracing,
                         trace_endpoint=args.trace_endpoint, trace_sampling=args.trace_sampling)
     try:
-        trace_settings(settings)
+        tracing = trace_settings(settings)
     except ValueError as exc:
         log.error("tracing: %s", exc)
         return 2
@@ -81,7 +81,12 @@ def _serve(args: argparse.Namespace) -> int:
     elif not repository.is_dir():
         log.error("model repository %s is not a directory", repository)
         return 2
-    log.info("settings: %s", settings)
+    log.info("settings: %d worker(s), %s CPUs for replicas, max message %d bytes, cache %s, metrics %s, tracing %s%s%s",
+             settings.workers, settings.cpus or available_cpus(), settings.max_message_bytes,
+             f"{settings.cache_bytes} bytes" if settings.cache_bytes else "off",
+             f"port {settings.metrics_port}" if settings.metrics_port else "off",
+             f"to {tracing.endpoint or 'the OTEL_* endpoint'} at ratio {tracing.ratio}" if tracing else "off",
+             ", threads pinned" if settings.pin_threads else "", ", GPU required" if settings.require_gpu else "")
     try:
         asyncio.run(serve(settings, repository))
     except OSError as exc:
