@@ -57,10 +57,6 @@ def test_candidate_apply_overrides_only_what_it_sets() -> None:
     assert (threads.max_batch_size, threads.dynamic_batching.max_queue_delay_microseconds) == (32, 500)
     assert threads.response_cache.enable and threads.parameters["custom"].string_value == "kept"
 
-    assert not threads.dynamic_batching.preferred_batch_size
-    waiting = Candidate(max_batch_size=64, queue_delay_us=20000, full_batches=True).apply(config)
-    assert list(waiting.dynamic_batching.preferred_batch_size) == [64]
-
     inline = Candidate(1, 1, 2, "inline", 8, 0).apply(config)
     assert not inline.instance_group and inline.parameters["execution"].string_value == "inline"
     assert config.instance_group[0].count == 3 and "execution" not in config.parameters
