@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from hotpath.drift.cli import add_commands as add_drift_commands
+from hotpath import __version__
 from hotpath.logs import configure_logging
 from hotpath.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, available_cpus, default_workers, parse_size
 
@@ -141,6 +142,7 @@ def _tune(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="hotpath", description="A fast gRPC inference server for ONNX models.")
+    parser.add_argument("--version", action="version", version=f"hotpath {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve(subparsers)
     _add_tune(subparsers)
