@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -69,3 +70,28 @@ def test_cache_is_correct_under_concurrent_clients(tmp_path, start_server):
     with grpcclient.InferenceServerClient(server.url) as client:
         hits, misses, _ = _stats(client, "cached")
         assert hits + misses == 400 and hits > 0
+
+
+def test_a_response_finished_by_a_retired_model_is_not_cached(tmp_path, start_server):
+    """A request queued before a reload is answered by the old model; that answer must not be cached."""
+    import threading
+
+    slow = 'name: "cached"\nmax_batch_size: 8\nresponse_cache { enable: true }\ndynamic_batching { max_queue_delay_microseconds: 1000000 }\n'
+    add_sub_model(tmp_path, "cached", config=slow)
+    server = start_server(tmp_path, "--cache-size", "1MiB")
+    x = np.ones((1, 16), np.float32)
+    answers: list = []
+
+    def queued() -> None:
+        with grpcclient.InferenceServerClient(server.url) as client:
+            answers.append(client.infer("cached", _inputs(x, x)).as_numpy("OUTPUT0"))
+
+    thread = threading.Thread(target=queued)
+    thread.start()
+    time.sleep(0.3)
+    add_sub_model(tmp_path, "cached", config=slow, offset=100.0)
+    with grpcclient.InferenceServerClient(server.url) as client:
+        client.load_model("cached")
+        thread.join(timeout=30)
+        np.testing.assert_array_equal(answers[0], 2 * x)
+        np.testing.assert_array_equal(client.infer("cached", _inputs(x, x)).as_numpy("OUTPUT0"), 2 * x + 100)

@@ -105,7 +105,7 @@ class DataPlane:
             if size > self._message_limit:
                 raise ResponseTooLarge(f"model '{model.name}': the response would be {size} bytes, over the server's message limit of "
                                        f"{self._message_limit} bytes (--max-message-size); ask for fewer rows or outputs, or raise the limit")
-            if cache_key is not None:
+            if cache_key is not None and self.repository.serves(model):
                 insert = time.monotonic_ns()
                 response.id = ""
                 self.cache.put(model.name, cache_key, response.SerializeToString())

@@ -156,6 +156,11 @@ class ModelRepository:
         """Every loaded model version."""
         return [m for entry in self._entries.values() for m in entry.versions.values()]
 
+    def serves(self, model: Model) -> bool:
+        """Whether `model` is still the served copy of its version (not retired by a reload or unload)."""
+        entry = self._entries.get(model.name)
+        return entry is not None and entry.versions.get(model.version) is model
+
     def versions(self, name: str) -> list[int]:
         """Loaded versions of a model, ascending."""
         entry = self._entries.get(name)
