@@ -197,3 +197,25 @@ def test_tracing_is_configured_by_flags_then_environment():
         trace_settings(Settings(trace_sampling=1.5), endpoint)
     with pytest.raises(ValueError, match="not supported"):
         trace_settings(Settings(), {**endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+
+
+def test_a_sampled_stream_has_one_server_span_parenting_every_request(tmp_path, start_server, receiver):
+    collector, endpoint = receiver
+    add_sub_model(tmp_path)
+    server = start_server(tmp_path, "--trace-endpoint", endpoint, "--trace-sampling", "1.0", env=SPAN_ENV)
+    answers: list = []
+    with grpcclient.InferenceServerClient(server.url) as client:
+        client.start_stream(callback=lambda result, error: answers.append(error))
+        for i in range(3):
+            client.async_stream_infer("add_sub", _inputs(1, i), request_id=str(i))
+        client.stop_stream()
+    assert answers == [None, None, None]
+
+    spans = collector.wait_for(lambda s: _named(s, "inference.GRPCInferenceService/ModelStreamInfer")
+                               and len(_named(s, "queue wait")) == 3)
+    (stream,) = _named(spans, "inference.GRPCInferenceService/ModelStreamInfer")
+    assert _attributes(stream)["rpc.method"] == "ModelStreamInfer" and _attributes(stream)["rpc.grpc.status_code"] == 0
+    waits = _named(spans, "queue wait")
+    assert all(wait.parent_span_id == stream.span_id for wait in waits)
+    linked = {link.span_id for batch in _named(spans, "batch") for link in batch.links}
+    assert linked == {stream.span_id}
