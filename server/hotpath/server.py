@@ -25,7 +25,7 @@ from hotpath.errors import InferenceError
 from hotpath.metrics import MetricsEndpoint
 from hotpath.repository import ModelRepository
 from hotpath.servicer import InferenceServicer
-from hotpath.settings import Settings
+from hotpath.settings import Settings, default_workers
 from hotpath.stats import StatsStore
 from hotpath.telemetry import configure_tracing
 from hotpath.workers import LocalCoordinator, Supervisor, WorkerLink
@@ -56,7 +56,7 @@ class Server:
         self.settings = settings
         self.repository = ModelRepository(repository_path, settings, StatsStore(settings.run_dir, settings.worker_index))
         self.link = WorkerLink(link, self.repository) if link is not None else None
-        self.cache = ResponseCache(settings.cache_bytes // settings.workers) if settings.cache_bytes else None
+        self.cache = ResponseCache(settings.cache_bytes // max(1, settings.workers)) if settings.cache_bytes else None
         self.dataplane = DataPlane(self.repository, self.link or LocalCoordinator(self.repository), self.cache)
         self.tracing = configure_tracing(settings)
         self.health = HealthServicer()
@@ -152,7 +152,7 @@ def _run_dir() -> Path:
 async def serve(settings: Settings, repository_path: Path) -> None:
     """Run the server (one process, or a supervisor and its workers) until SIGINT or SIGTERM."""
     stop = _stop_on_signals()
-    settings = replace(settings, run_dir=_run_dir())
+    settings = replace(settings, run_dir=_run_dir(), workers=settings.workers or default_workers(settings.cpus))
     single = settings.workers == 1
     metrics = None
     try:
