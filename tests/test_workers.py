@@ -96,3 +96,17 @@ def test_default_worker_count_is_one_per_usable_cpu_at_most_four(tmp_path, start
     server = start_server(tmp_path, "--workers", "0")
     assert server.output().count("listening on") == default_workers()
     assert f"with {default_workers()} worker process(es)" in server.output()
+
+
+def test_a_killed_server_leaves_shared_counters_that_the_next_start_removes(tmp_path, start_server):
+    from hotpath.server import run_dir_parent
+
+    add_sub_model(tmp_path)
+    first = start_server(tmp_path, "--workers", "2")
+    run_dirs = lambda: set(run_dir_parent().glob(f"hotpath-{first.proc.pid}-*"))  # noqa: E731
+    assert run_dirs(), "the server keeps its counters in a directory named after its pid"
+    first.stop(signal.SIGKILL)
+    left = run_dirs()
+    assert left, "SIGKILL gives the server no chance to clean up"
+    start_server(tmp_path)
+    assert not any(p.exists() for p in left)

@@ -144,9 +144,24 @@ async def run_worker(settings: Settings, repository_path: Path, link: Connection
     await server.stop()
 
 
-def _run_dir() -> Path:
+def run_dir_parent() -> Path:
+    """Where servers keep their shared counters: /dev/shm (memory) when writable, else the temp dir."""
     shm = Path("/dev/shm")
-    return Path(tempfile.mkdtemp(prefix="hotpath-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def _run_dir() -> Path:
+    """A fresh directory for this server's shared counters, after removing those of servers that died.
+
+    Named after the top-level process's pid, so a server killed before it could clean up is found
+    by the next one to start.
+    """
+    parent = run_dir_parent()
+    for stale in parent.glob("hotpath-*-*"):
+        pid = stale.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"hotpath-{os.getpid()}-", dir=parent))
 
 
 async def serve(settings: Settings, repository_path: Path) -> None:
