@@ -107,11 +107,18 @@ cdef class BatchQueue:
         """-1 when empty, 0 when a batch is ready now, else nanoseconds until the oldest's delay ends."""
         if not self._items:
             return -1
-        if self.max_requests == 1 or self._rows >= self._full_rows:
+        if self._full():
             return 0
         cdef Pending head = self._items[0]
         cdef long long waited = now_ns - head.enqueued_ns
         return 0 if waited >= self.max_delay_ns else self.max_delay_ns - waited
+
+    cdef inline bint _full(self):
+        return self.max_requests == 1 or self._rows >= self._full_rows
+
+    def ready_reason(self) -> str:
+        """Why a batch is ready now: READY_FULL when the queue holds a full batch, else READY_DELAY."""
+        return READY_FULL if self._full() else READY_DELAY
 
     cdef bint _expired(self, Pending p, long long now_ns):
         return p.deadline_ns != 0 and now_ns >= p.deadline_ns

@@ -232,8 +232,6 @@ class Model:
         self._idle = list(reversed(replicas))
         self._queue = _batching_policy(config)
         self._running = 0
-        self._full_rows = max([s for s in config.dynamic_batching.preferred_batch_size if 0 < s <= self._queue.max_rows],
-                              default=self._queue.max_rows)
         self.inline = plan.inline
         self._timer: _batcher.DeadlineTimer | None = None
         self._armed_ns = 0
@@ -326,7 +324,7 @@ class Model:
                     self._armed_ns = now + wait
                     self._timer.arm(self._armed_ns)
                 return
-            waiting_rows = queue.rows
+            reason = queue.ready_reason()
             batch = queue.pop_batch(now)
             if not batch:
                 continue
@@ -337,7 +335,7 @@ class Model:
             traced = [pending for pending in batch if pending.context is not None]
             if traced:
                 replica.span = telemetry.start_batch(self.name, self.version, replica.index, batch, traced,
-                                                     self._dispatch_reason(waiting_rows), now)
+                                                     reason, now)
             if self.inline:
                 try:
                     result, error = self._execute(replica, batch), None
@@ -346,11 +344,6 @@ class Model:
                 self._complete(replica, batch, result, error)
             else:
                 replica.inbox.put(batch)
-
-    def _dispatch_reason(self, waiting_rows: int) -> str:
-        """Why the queue, holding `waiting_rows` rows, had a batch ready: it was full, or the oldest waited long enough."""
-        full = self._queue.max_requests == 1 or waiting_rows >= self._full_rows
-        return _batcher.READY_FULL if full else _batcher.READY_DELAY
 
     def _serve_replica(self, replica: Replica) -> None:
         """The replica's thread: run each batch, then hand it back to the loop in one callback."""
