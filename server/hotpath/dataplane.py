@@ -46,18 +46,19 @@ class DataPlane:
         if self.cache is not None:
             self.cache.drop_model(name)
 
-    def _cache_key(self, model: Model, request: pb.ModelInferRequest, inputs: tuple) -> bytes:
-        """The exact key of a request: model, version, every input's name, datatype, shape and bytes, outputs."""
-        raw = request.raw_input_contents
+    @staticmethod
+    def _cache_key(codec: ModelCodec, request: pb.ModelInferRequest, inputs: tuple) -> bytes:
+        """The exact key of a request: model, version, every input's name, datatype, shape and bytes, outputs.
+
+        The bytes come from the decoded arrays (views of the raw contents, or the typed contents
+        converted once), so raw and typed forms of the same tensor share an entry.
+        """
         parts = []
-        for i, tensor in enumerate(request.inputs):
-            if raw:
-                data = raw[i]
-            else:
-                array = inputs[self._codec(model).inputs[tensor.name][0]]
-                data = join_bytes(array.ravel()) if array.dtype == object else array
-            parts.append((tensor.name, tensor.datatype, tensor.shape, data))
-        return request_key(model.name, model.version, parts, sorted(o.name for o in request.outputs))
+        for tensor in request.inputs:
+            array = inputs[codec.inputs[tensor.name][0]]
+            parts.append((tensor.name, tensor.datatype, tensor.shape,
+                          join_bytes(array.ravel()) if array.dtype == object else array))
+        return request_key(codec.name, codec.model.version, parts, sorted(o.name for o in request.outputs))
 
     def _codec(self, model: Model) -> ModelCodec:
         codec = self._codecs.get(id(model))
@@ -85,7 +86,7 @@ class DataPlane:
             cache_key = None
             if self.cache is not None and codec.cached:
                 lookup = time.monotonic_ns()
-                cache_key = self._cache_key(model, request, inputs)
+                cache_key = self._cache_key(codec, request, inputs)
                 body = self.cache.get(model.name, cache_key)
                 if span is not None:
                     telemetry.record_step(span, "cache lookup", lookup, {"hotpath.cache.hit": body is not None})
