@@ -13,6 +13,10 @@ import numpy as np
 
 from hotpath.errors import DeadlineExceeded, QueueFull
 
+READY_FULL = "full"
+READY_DELAY = "delay"
+READY_IDLE = "idle"
+
 
 @dataclass
 class Pending:
@@ -31,7 +35,8 @@ class BatchQueue:
     """A bounded FIFO that forms batches; see `hotpath._batcher` for the rules it mirrors."""
 
     def __init__(self, max_rows: int, max_queue_size: int, max_delay_ns: int = 0, preferred_sizes=(),
-                 batching: bool = True, timeout_ns: int = 0, allow_timeout_override: bool = True) -> None:
+                 batching: bool = True, timeout_ns: int = 0, allow_timeout_override: bool = True,
+                 work_conserving: bool = True) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if max_queue_size < 1:
@@ -43,6 +48,7 @@ class BatchQueue:
         self.max_delay_ns = max_delay_ns
         self.timeout_ns = timeout_ns
         self.allow_timeout_override = allow_timeout_override
+        self.work_conserving = work_conserving
         fitting = [s for s in preferred_sizes if 0 < s <= max_rows]
         self.target = max(fitting) if fitting else max_rows
 
@@ -64,12 +70,20 @@ class BatchQueue:
                 deadline_ns = policy
         self.items.append(Pending(future, inputs, rows, key, now_ns, deadline_ns, context))
 
+    def full(self) -> bool:
+        return self.max_requests == 1 or self.rows >= self.target
+
     def ready_in(self, now_ns: int) -> int:
         if not self.items:
             return -1
-        if self.max_requests == 1 or self.rows >= self.target:
+        if self.work_conserving or self.full():
             return 0
         return max(0, self.items[0].enqueued_ns + self.max_delay_ns - now_ns)
+
+    def ready_reason(self) -> str:
+        if self.full():
+            return READY_FULL
+        return READY_IDLE if self.work_conserving else READY_DELAY
 
     def pop_batch(self, now_ns: int) -> list[Pending]:
         batch: list[Pending] = []

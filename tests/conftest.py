@@ -29,7 +29,7 @@ class ServerProcess:
         self.log: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hotpath.cli", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
-             "--port", "0", "--metrics-port", "0", "--workers", "1", *args],
+             "--port", "0", "--metrics-port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
             start_new_session=True)
         self.port = self._wait_listening()

@@ -87,24 +87,24 @@ class QueueBehaviour:
         assert [p.future for p in q.pop_batch(0)] == [big, small]
 
     def test_ready_in_waits_for_the_oldest_request_delay(self):
-        q = self.queue(max_rows=8, max_delay_ns=10 * MS)
+        q = self.queue(max_rows=8, max_delay_ns=10 * MS, work_conserving=False)
         assert q.ready_in(0) == -1
         self.push(q, now_ns=100 * MS)
         self.push(q, now_ns=104 * MS)
         assert q.ready_in(100 * MS) == 10 * MS
         assert q.ready_in(106 * MS) == 4 * MS
-        assert q.ready_in(110 * MS) == 0
+        assert q.ready_in(110 * MS) == 0 and q.ready_reason() == self.impl.READY_DELAY
         assert q.ready_in(200 * MS) == 0
 
     def test_ready_at_once_when_rows_reach_max_rows(self):
-        q = self.queue(max_rows=4, max_delay_ns=10 * MS)
+        q = self.queue(max_rows=4, max_delay_ns=10 * MS, work_conserving=False)
         self.push(q, rows=3)
         assert q.ready_in(0) == 10 * MS
         self.push(q, rows=1)
-        assert q.ready_in(0) == 0
+        assert q.ready_in(0) == 0 and q.ready_reason() == self.impl.READY_FULL
 
     def test_ready_at_once_when_rows_reach_the_largest_preferred_size(self):
-        q = self.queue(max_rows=16, max_delay_ns=10 * MS, preferred_sizes=(2, 4, 32))
+        q = self.queue(max_rows=16, max_delay_ns=10 * MS, preferred_sizes=(2, 4, 32), work_conserving=False)
         for _ in range(3):
             self.push(q)
         assert q.ready_in(0) == 10 * MS
@@ -112,9 +112,25 @@ class QueueBehaviour:
         assert q.ready_in(0) == 0
 
     def test_zero_delay_is_ready_at_once(self):
-        q = self.queue()
+        q = self.queue(work_conserving=False)
         self.push(q, now_ns=5 * MS)
         assert q.ready_in(5 * MS) == 0
+
+    def test_work_conserving_is_the_default_and_ready_at_once_whatever_the_delay(self):
+        q = self.queue(max_rows=4, max_delay_ns=10 * MS)
+        assert q.work_conserving
+        assert q.ready_in(0) == -1
+        self.push(q, now_ns=100 * MS)
+        assert q.ready_in(100 * MS) == 0 and q.ready_reason() == self.impl.READY_IDLE
+        self.push(q, rows=3, now_ns=100 * MS)
+        assert q.ready_in(100 * MS) == 0 and q.ready_reason() == self.impl.READY_FULL
+
+    def test_work_conserving_batches_take_what_gathered_up_to_max_rows(self):
+        q = self.queue(max_rows=4, max_delay_ns=10 * MS)
+        for _ in range(6):
+            self.push(q)
+        assert [len(q.pop_batch(0)), len(q.pop_batch(0))] == [4, 2]
+        assert q.ready_in(0) == -1
 
     def test_cancelled_requests_are_skipped(self):
         q = self.queue()
@@ -249,9 +265,11 @@ def _outcome(future: asyncio.Future) -> object:
 
 DIFFERENTIAL_CONFIGS = [
     dict(max_rows=6, max_queue_size=12, max_delay_ns=2 * MS, preferred_sizes=preferred, batching=batching,
-         timeout_ns=timeout, allow_timeout_override=override)
-    for preferred, batching, timeout, override in itertools.product(((), (2, 3, 64)), (True, False), (0, 5 * MS), (True, False))
-] + [dict(max_rows=1, max_queue_size=3), dict(max_rows=16, max_queue_size=64, preferred_sizes=(4,))]
+         timeout_ns=timeout, allow_timeout_override=override, work_conserving=conserving)
+    for preferred, batching, timeout, override, conserving in itertools.product(
+        ((), (2, 3, 64)), (True, False), (0, 5 * MS), (True, False), (True, False))
+] + [dict(max_rows=1, max_queue_size=3), dict(max_rows=16, max_queue_size=64, preferred_sizes=(4,)),
+     dict(max_rows=16, max_queue_size=64, preferred_sizes=(4,), max_delay_ns=MS, work_conserving=False)]
 
 
 @pytest.mark.parametrize("seed", range(len(DIFFERENTIAL_CONFIGS)))
@@ -305,6 +323,8 @@ def test_native_queue_matches_the_reference(seed: int) -> None:
                         module.deliver(batch, [np.concatenate([p.inputs[0] for p in batch]) * 10, np.arange(rows)])
             assert (len(queues[0]), queues[0].rows) == (len(queues[1]), queues[1].rows), f"step {step}: size"
             assert queues[0].ready_in(now) == queues[1].ready_in(now), f"step {step}: ready_in"
+            if len(queues[0]):
+                assert queues[0].ready_reason() == queues[1].ready_reason(), f"step {step}: ready_reason"
             outcomes = [(_outcome(futures[0][i]), _outcome(futures[1][i])) for i in unsettled]
             assert all(a == b for a, b in outcomes), f"step {step}: outcomes {outcomes}"
             unsettled = [i for i, (a, _) in zip(unsettled, outcomes) if a == "waiting"]

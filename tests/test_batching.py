@@ -1,9 +1,11 @@
-"""Dynamic batching, replicas and thread tuning, end to end through real servers and tritonclient."""
+"""Dynamic batching, replicas and thread tuning: end to end through real servers and tritonclient, and
+the scheduler in process over sessions whose batches the test holds and releases."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +20,17 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import ServerProcess
 from hotpath._proto import model_config_pb2
+from hotpath.config import read_config
 from hotpath.errors import LoadError
-from hotpath.model import plan_replicas
+from hotpath.model import Model
+from hotpath.replicas import CPU_DEVICE, Replica, ReplicaPlan, plan_replicas
 from hotpath.settings import Settings, available_cpus
+from hotpath.stats import ModelStats, StatsStore
 from models import add_sub_model, matmul_model
 
 INLINE = 'parameters { key: "execution" value { string_value: "inline" } }\n'
 ONE_THREAD = 'instance_group [{ count: 1 }]\nparameters { key: "intra_op_thread_count" value { string_value: "1" } }\n'
+DELAY_POLICY = 'parameters { key: "batch_policy" value { string_value: "delay" } }\n'
 
 
 def slow_model(repo: Path, name: str, config: str, matmuls: int = 60, size: int = 1024) -> None:
@@ -57,8 +63,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
                                'dynamic_batching { max_queue_delay_microseconds: 20000 }\n')
     add_sub_model(repo, "add_sub_inline", config='name: "add_sub_inline"\nmax_batch_size: 64\n'
                                                  'dynamic_batching { max_queue_delay_microseconds: 20000 }\n')
-    add_sub_model(repo, "lone_wait", config='name: "lone_wait"\nmax_batch_size: 8\n'
+    add_sub_model(repo, "lone_wait", config=f'name: "lone_wait"\nmax_batch_size: 8\n{DELAY_POLICY}'
                                             'dynamic_batching { max_queue_delay_microseconds: 200000 }\n')
+    add_sub_model(repo, "lone_go", config='name: "lone_go"\nmax_batch_size: 8\n'
+                                          'dynamic_batching { max_queue_delay_microseconds: 50000 }\n')
+    add_sub_model(repo, "lone_delay", config=f'name: "lone_delay"\nmax_batch_size: 8\n{DELAY_POLICY}'
+                                             'dynamic_batching { max_queue_delay_microseconds: 50000 }\n')
     add_sub_model(repo, "no_wait", config='name: "no_wait"\nmax_batch_size: 8\ndynamic_batching { }\n')
     add_sub_model(repo, "tuned")
     add_sub_model(repo, "gpu", config='name: "gpu"\nmax_batch_size: 8\ninstance_group [{ kind: KIND_GPU, gpus: [0] }]\n')
@@ -70,6 +80,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     slow_model(repo, "slow_cancel", "")
     slow_model(repo, "slow_policy", "dynamic_batching { default_queue_policy { default_timeout_microseconds: 100000 } }\n")
     slow_model(repo, "slow_queue", "dynamic_batching { default_queue_policy { max_queue_size: 2 } }\n")
+    slow_model(repo, "slow_gather", "dynamic_batching { max_queue_delay_microseconds: 10000000 }\n")
     proc = ServerProcess(repo)
     yield proc
     assert proc.stop() == 0, proc.output()
@@ -143,6 +154,46 @@ def test_a_lone_request_waits_its_delay_and_no_longer(server: ServerProcess) -> 
     waited, immediate = asyncio.run(main())
     assert 0.2 <= waited < 0.5
     assert immediate < 0.1
+
+
+def test_a_lone_request_on_an_idle_model_waits_out_the_delay_only_under_the_delay_policy(server: ServerProcess) -> None:
+    """Both models have a 50 ms queue delay; only the one that asks for batch_policy "delay" waits it out."""
+    one = np.ones((1, 16), np.float32)
+
+    async def timed(client: aioclient.InferenceServerClient, model: str) -> float:
+        start = time.perf_counter()
+        await _add_sub(client, model, one, one)
+        return time.perf_counter() - start
+
+    async def main() -> tuple[list[float], list[float]]:
+        async with aioclient.InferenceServerClient(server.url) as client:
+            await timed(client, "no_wait")
+            return [await timed(client, "lone_go") for _ in range(3)], [await timed(client, "lone_delay") for _ in range(3)]
+
+    work_conserving, delayed = asyncio.run(main())
+    assert max(work_conserving) < 0.025, work_conserving
+    assert min(delayed) >= 0.05, delayed
+
+
+def test_requests_gather_while_the_replica_is_busy_and_run_as_soon_as_it_is_free(server: ServerProcess) -> None:
+    """With a 10 s queue delay, requests that queued behind a running batch run together when it ends."""
+    async def main() -> float:
+        async with aioclient.InferenceServerClient(server.url) as client:
+            busy = await _while_busy(client, "slow_gather")
+            queued = [asyncio.create_task(_x(client, "slow_gather", np.full((1, 4), i, np.float32), client_timeout=5))
+                      for i in range(3)]
+            await asyncio.sleep(0.05)
+            assert not busy.done(), "the slow model finished before the queued requests arrived"
+            start = time.perf_counter()
+            await busy
+            for i, task in enumerate(queued):
+                np.testing.assert_array_equal(await task, np.full((1, 4), i, np.float32))
+            return time.perf_counter() - start
+
+    assert asyncio.run(main()) < 5
+    stats = _stats(server.url, "slow_gather")
+    assert (stats.execution_count, stats.inference_count) == (2, 4)
+    assert {b.batch_size: b.compute_infer.count for b in stats.batch_stats} == {1: 1, 3: 1}
 
 
 def test_requests_whose_deadline_passes_in_the_queue_never_run(server: ServerProcess) -> None:
@@ -238,16 +289,16 @@ def test_a_raising_replica_fails_only_its_batch(server: ServerProcess, model: st
     assert f"model '{model}' version 1 replica 0 failed a batch" in server.output()
 
 
-@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16])
-@pytest.mark.parametrize("workers", [1, 2, 3, 5])
-def test_tuned_replicas_and_threads_never_exceed_the_cpus(cpus: int, workers: int) -> None:
-    settings = Settings(cpus=cpus, workers=workers)
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 5, 8, 16])
+def test_tuned_replicas_and_threads_never_exceed_the_cpus(cpus: int) -> None:
+    settings = Settings(cpus=cpus)
     plan = plan_replicas(model_config_pb2.ModelConfig(name="m"), settings)
     assert plan.count >= 1 and plan.intra_threads >= 1 and plan.inter_threads == 1
-    assert plan.count * plan.intra_threads * workers <= max(cpus, workers)
+    assert plan.count * plan.intra_threads <= cpus
+    assert plan.count == min(2, cpus) and plan.intra_threads == cpus // plan.count, "one process budgets every CPU"
     counted = model_config_pb2.ModelConfig(name="m", instance_group=[model_config_pb2.ModelInstanceGroup(count=3)])
     plan = plan_replicas(counted, settings)
-    assert plan.count == 3 and plan.intra_threads == max(1, cpus // workers // 3)
+    assert plan.count == 3 and plan.intra_threads == max(1, cpus // 3)
 
 
 def test_thread_parameters_and_the_process_cpus_drive_the_plan() -> None:
@@ -296,3 +347,132 @@ def test_require_gpu_fails_the_load_saying_cuda_is_unavailable(tmp_path: Path, s
         assert client.is_model_ready("cpu") and not client.is_model_ready("gpu")
         with pytest.raises(InferenceServerException, match=expected):
             client.load_model("gpu")
+
+
+class HeldSession:
+    """Stands in for an ONNX Runtime session: Y = 2 X. Every run is recorded as (replica, rows) when
+    it starts, and waits while the test holds `release` clear."""
+
+    def __init__(self, index: int, runs: list[tuple[int, int]]) -> None:
+        self.index = index
+        self.runs = runs
+        self.running = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.runs.append((self.index, len(feeds["X"])))
+        self.running.set()
+        assert self.release.wait(10), "the test never released the batch"
+        return [feeds["X"] * 2]
+
+
+def _held_model(replicas: int = 1, delay_us: int = 0, policy: str | None = None,
+                inline: bool = False) -> tuple[Model, list[HeldSession], list[tuple[int, int]]]:
+    """A Model with max_batch_size 8 over HeldSessions; returns it, its sessions and their shared run log."""
+    config = model_config_pb2.ModelConfig(
+        name="held", max_batch_size=8,
+        input=[model_config_pb2.ModelInput(name="X", data_type=model_config_pb2.TYPE_FP32, dims=[2])],
+        output=[model_config_pb2.ModelOutput(name="Y", data_type=model_config_pb2.TYPE_FP32, dims=[2])])
+    config.dynamic_batching.max_queue_delay_microseconds = delay_us
+    if policy is not None:
+        config.parameters["batch_policy"].string_value = policy
+    runs: list[tuple[int, int]] = []
+    sessions = [HeldSession(i, runs) for i in range(replicas)]
+    plan = ReplicaPlan(replicas, 1, 1, (CPU_DEVICE,) * replicas, inline=inline)
+    model = Model("held", 1, Path("held/1/model.onnx"), config, [Replica(i, s, "cpu") for i, s in enumerate(sessions)],
+                  plan, ModelStats(config.max_batch_size))
+    return model, sessions, runs
+
+
+async def _held_infer(model: Model, value: float) -> np.ndarray:
+    (y,) = await model.infer((np.full((1, 2), value, np.float32),), 1, (2,))
+    return y
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["threads", "inline"])
+def test_a_burst_pushed_in_one_loop_pass_runs_as_one_batch(inline: bool) -> None:
+    """The front end delivers requests in bulk: the first of a burst must not run alone."""
+    model, _, runs = _held_model(inline=inline)
+
+    async def main() -> list[np.ndarray]:
+        try:
+            return await asyncio.gather(*(_held_infer(model, i) for i in range(5)))
+        finally:
+            await model.close()
+
+    for i, y in enumerate(asyncio.run(main())):
+        np.testing.assert_array_equal(y, np.full((1, 2), 2 * i, np.float32))
+    assert runs == [(0, 5)]
+
+
+@pytest.mark.parametrize("policy", [None, "work_conserving", "delay"])
+def test_a_lone_request_on_an_idle_model_waits_out_the_delay_only_under_the_delay_policy_in_process(policy: str | None) -> None:
+    model, _, runs = _held_model(delay_us=50_000, policy=policy)
+
+    async def main() -> float:
+        try:
+            start = time.perf_counter()
+            await _held_infer(model, 1)
+            return time.perf_counter() - start
+        finally:
+            await model.close()
+
+    took = asyncio.run(main())
+    assert runs == [(0, 1)]
+    if policy == "delay":
+        assert took >= 0.05
+    else:
+        assert took < 0.02, f"a lone request on an idle work-conserving model took {took * 1e3:.1f} ms"
+
+
+def test_requests_gather_while_every_replica_is_busy_and_the_freed_one_takes_up_to_max_rows() -> None:
+    model, (session,), runs = _held_model(delay_us=10_000_000)
+
+    async def main() -> list[np.ndarray]:
+        try:
+            session.release.clear()
+            busy = asyncio.create_task(_held_infer(model, -1))
+            assert await asyncio.to_thread(session.running.wait, 5)
+            queued = [asyncio.create_task(_held_infer(model, i)) for i in range(10)]
+            await asyncio.sleep(0.02)
+            assert not any(task.done() for task in queued) and runs == [(0, 1)]
+            session.release.set()
+            return await asyncio.wait_for(asyncio.gather(busy, *queued), 2)
+        finally:
+            session.release.set()
+            await model.close()
+
+    results = asyncio.run(main())
+    for i, y in enumerate(results[1:]):
+        np.testing.assert_array_equal(y, np.full((1, 2), 2 * i, np.float32))
+    assert runs == [(0, 1), (0, 8), (0, 2)], "the freed replica takes what gathered, max_batch_size rows at a time, at once"
+
+
+def test_a_free_replica_takes_a_request_at_once_while_another_is_busy() -> None:
+    model, sessions, runs = _held_model(replicas=2, delay_us=10_000_000)
+
+    async def main() -> np.ndarray:
+        try:
+            sessions[0].release.clear()
+            busy = asyncio.create_task(_held_infer(model, -1))
+            assert await asyncio.to_thread(sessions[0].running.wait, 5)
+            lone = await asyncio.wait_for(_held_infer(model, 3), 2)
+            assert not busy.done()
+            sessions[0].release.set()
+            await busy
+            return lone
+        finally:
+            sessions[0].release.set()
+            await model.close()
+
+    np.testing.assert_array_equal(asyncio.run(main()), np.full((1, 2), 6, np.float32))
+    assert runs == [(0, 1), (1, 1)]
+
+
+def test_an_unknown_batch_policy_fails_the_load_naming_the_allowed_values(tmp_path: Path) -> None:
+    model_dir = add_sub_model(tmp_path, config='name: "add_sub"\nmax_batch_size: 8\n'
+                                                'parameters { key: "batch_policy" value { string_value: "fifo" } }\n')
+    expected = r"model 'add_sub': parameter 'batch_policy' must be one of \['work_conserving', 'delay'\], got 'fifo'"
+    with pytest.raises(LoadError, match=expected):
+        Model.load("add_sub", 1, model_dir / "1" / "model.onnx", read_config(model_dir), Settings(cpus=1), StatsStore())

@@ -55,7 +55,8 @@ def client(server):
 def slow_server(tmp_path, start_server):
     """A private server whose add_sub holds a lone request in its batch queue for 5 s."""
     add_sub_model(tmp_path, config='name: "add_sub"\nmax_batch_size: 8\n'
-                                   'dynamic_batching { max_queue_delay_microseconds: 5000000 }\n')
+                                   'dynamic_batching { max_queue_delay_microseconds: 5000000 }\n'
+                                   'parameters [{ key: "batch_policy", value: { string_value: "delay" } }]\n')
     identity_model(tmp_path)
     return start_server(tmp_path)
 

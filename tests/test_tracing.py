@@ -18,8 +18,9 @@ from hotpath.settings import Settings
 from hotpath.telemetry import DEFAULT_SAMPLING, trace_settings
 from models import add_sub_model
 
-DELAYED = 'name: "add_sub"\nmax_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 1000000 }\n'
-"""Batches wait up to a second for 8 rows: concurrent requests share a batch, 8 of them fill it."""
+DELAYED = ('name: "add_sub"\nmax_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 1000000 }\n'
+           'parameters [{ key: "batch_policy", value: { string_value: "delay" } }]\n')
+"""Batches wait up to a second for 8 rows (Triton's policy): concurrent requests share a batch, 8 of them fill it."""
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN_ID = "00f067aa0ba902b7"

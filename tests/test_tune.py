@@ -27,16 +27,16 @@ def _tune(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("cpus", range(1, 34))
-def test_placements_use_at_most_the_cpus_and_try_each_worker_count(cpus: int) -> None:
+def test_placements_use_at_most_the_cpus(cpus: int) -> None:
     found = placements(cpus)
     assert len(found) == len(set(found))
-    for workers, replicas, threads, execution in found:
-        assert min(workers, replicas, threads) >= 1
-        assert workers * replicas * threads <= cpus
+    for replicas, threads, execution in found:
+        assert min(replicas, threads) >= 1
+        assert replicas * threads <= cpus
         assert execution in ("inline", "threads") and (execution == "threads" or replicas == 1)
-        assert threads_used(Candidate(workers, replicas, threads, execution), cpus) <= cpus
-    assert {workers for workers, *_ in found} >= {1, cpus}
-    assert (1, 1, cpus, "threads") in found and (1, cpus, 1, "threads") in found
+        assert threads_used(Candidate(replicas, threads, execution), cpus) <= cpus
+    assert (1, 1, "inline") in found and (1, cpus, "inline") in found
+    assert (1, cpus, "threads") in found and (cpus, 1, "threads") in found
 
 
 def test_candidate_apply_overrides_only_what_it_sets() -> None:
@@ -48,19 +48,21 @@ def test_candidate_apply_overrides_only_what_it_sets() -> None:
     as_configured = Candidate().apply(config)
     assert as_configured.instance_group[0].count == 3 and as_configured.max_batch_size == 16
     assert as_configured.dynamic_batching.max_queue_delay_microseconds == 50
-    assert "execution" not in as_configured.parameters
+    assert "execution" not in as_configured.parameters and "batch_policy" not in as_configured.parameters
 
-    threads = Candidate(2, 2, 1, "threads", 32, 500, True).apply(config)
+    threads = Candidate(2, 1, "threads", 32, 500, True).apply(config)
     assert [(group.count, group.kind) for group in threads.instance_group] == [(2, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
     assert threads.parameters["intra_op_thread_count"].string_value == "1"
     assert threads.parameters["execution"].string_value == "threads"
     assert (threads.max_batch_size, threads.dynamic_batching.max_queue_delay_microseconds) == (32, 500)
+    assert threads.parameters["batch_policy"].string_value == "delay", "a queue delay is only waited out under the delay policy"
     assert threads.response_cache.enable and threads.parameters["custom"].string_value == "kept"
 
-    inline = Candidate(1, 1, 2, "inline", 8, 0).apply(config)
+    inline = Candidate(1, 2, "inline", 8, 0).apply(config)
     assert not inline.instance_group and inline.parameters["execution"].string_value == "inline"
+    assert inline.parameters["batch_policy"].string_value == "work_conserving"
     assert config.instance_group[0].count == 3 and "execution" not in config.parameters
-    assert Candidate(2, 2, 1, "threads").server_flags(4) == ["--workers", "2", "--cpus", "4"]
+    assert Candidate(2, 1, "threads").server_flags(4) == ["--cpus", "4"]
     assert "--cache-size" in Candidate(cache=True).server_flags(4)
 
 
@@ -70,7 +72,7 @@ def test_a_trial_must_be_clearly_faster_to_win() -> None:
 
     assert trial(110).beats(trial(100)) and not trial(102).beats(trial(100))
     assert trial(1).beats(trial(None)) and not trial(None).beats(trial(100))
-    assert Tuner.vary(Candidate(), "placement", (2, 1, 1, "inline")) == Candidate(2, 1, 1, "inline")
+    assert Tuner.vary(Candidate(), "placement", (1, 2, "inline")) == Candidate(1, 2, "inline")
     assert Tuner.vary(Candidate(max_batch_size=8), "delay", 250).queue_delay_us == 250
 
 
@@ -110,6 +112,7 @@ def test_short_tune_writes_a_config_that_a_server_loads(tmp_path: Path) -> None:
 
     served = loadgen.overlay_repository(repository, tmp_path / "served", ["tiny"], {"tiny": tuned_path.read_text()})
     flags = report["chosen"]["serve_flags"][2:]
+    assert "--workers" not in flags
     command = [sys.executable, "-m", "hotpath.cli", "serve", "--model-repository", str(served), "--host", "127.0.0.1",
                "--port", "0", "--metrics-port", "0", *flags]
     rows = np.random.default_rng(0).standard_normal((3, MODELS["tiny"].in_features), dtype=np.float32)

@@ -1,9 +1,11 @@
 # cython: language_level=3
 """The dynamic batching queue: the per-request part of the hot path, compiled.
 
-Requests wait in arrival order. A batch is ready when the queued rows reach the largest preferred
-batch size (else `max_rows`) or when the oldest request has waited the maximum delay; a batch then
-takes up to `max_rows` rows.
+Requests wait in arrival order. The caller asks for a batch only when a replica is free to run
+it. Under the work-conserving policy (the default) a batch is then ready at once: requests gather
+only while every replica is busy. Under the delay policy (Triton's) a batch is ready when the
+queued rows reach the largest preferred batch size (else `max_rows`) or when the oldest request has
+waited the maximum delay. Either way a batch takes up to `max_rows` rows.
 `pop_batch` takes requests from the head whose non-batch dims match the head's, never reorders the
 ones that stay, and drops requests that were cancelled or whose deadline passed, failing the
 latter. `deliver` hands each caller exactly its own rows of the batch's outputs as views.
@@ -18,6 +20,7 @@ from hotpath.errors import DeadlineExceeded, QueueFull
 
 READY_FULL = "full"
 READY_DELAY = "delay"
+READY_IDLE = "idle"
 
 
 @cython.final
@@ -49,7 +52,10 @@ cdef class Pending:
 
 @cython.final
 cdef class BatchQueue:
-    """A bounded FIFO of pending requests that forms batches; see the module docstring."""
+    """A bounded FIFO of pending requests that forms batches; see the module docstring.
+
+    `work_conserving=False` selects the delay policy, the only one that reads `max_delay_ns`.
+    """
 
     cdef object _items
     cdef Py_ssize_t _rows
@@ -59,11 +65,12 @@ cdef class BatchQueue:
     cdef readonly long long max_delay_ns
     cdef readonly long long timeout_ns
     cdef readonly bint allow_timeout_override
+    cdef readonly bint work_conserving
     cdef Py_ssize_t _full_rows
 
     def __init__(self, Py_ssize_t max_rows, Py_ssize_t max_queue_size, long long max_delay_ns=0,
                  preferred_sizes=(), bint batching=True, long long timeout_ns=0,
-                 bint allow_timeout_override=True):
+                 bint allow_timeout_override=True, bint work_conserving=True):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if max_queue_size < 1:
@@ -76,6 +83,7 @@ cdef class BatchQueue:
         self.max_delay_ns = max_delay_ns
         self.timeout_ns = timeout_ns
         self.allow_timeout_override = allow_timeout_override
+        self.work_conserving = work_conserving
         self._full_rows = max([s for s in preferred_sizes if 0 < s <= max_rows], default=max_rows)
 
     def __len__(self):
@@ -104,10 +112,14 @@ cdef class BatchQueue:
         self._rows += rows
 
     def ready_in(self, long long now_ns) -> int:
-        """-1 when empty, 0 when a batch is ready now, else nanoseconds until the oldest's delay ends."""
+        """-1 when empty, 0 when a batch is ready now, else nanoseconds until the oldest's delay ends.
+
+        Under the work-conserving policy a queued request is always ready: the caller asks only
+        when a replica is free.
+        """
         if not self._items:
             return -1
-        if self._full():
+        if self.work_conserving or self._full():
             return 0
         cdef Pending head = self._items[0]
         cdef long long waited = now_ns - head.enqueued_ns
@@ -117,8 +129,11 @@ cdef class BatchQueue:
         return self.max_requests == 1 or self._rows >= self._full_rows
 
     def ready_reason(self) -> str:
-        """Why a batch is ready now: READY_FULL when the queue holds a full batch, else READY_DELAY."""
-        return READY_FULL if self._full() else READY_DELAY
+        """Why a batch is ready now: READY_FULL when the queue holds a full batch, else READY_IDLE
+        (work-conserving: a replica was free) or READY_DELAY (the oldest request waited the delay)."""
+        if self._full():
+            return READY_FULL
+        return READY_IDLE if self.work_conserving else READY_DELAY
 
     cdef bint _expired(self, Pending p, long long now_ns):
         return p.deadline_ns != 0 and now_ns >= p.deadline_ns

@@ -5,6 +5,7 @@ import numpy as np
 
 READY_FULL: str
 READY_DELAY: str
+READY_IDLE: str
 
 class Pending:
     future: asyncio.Future[list[np.ndarray]]
@@ -22,8 +23,10 @@ class BatchQueue:
     max_delay_ns: int
     timeout_ns: int
     allow_timeout_override: bool
+    work_conserving: bool
     def __init__(self, max_rows: int, max_queue_size: int, max_delay_ns: int = ..., preferred_sizes: Iterable[int] = ...,
-                 batching: bool = ..., timeout_ns: int = ..., allow_timeout_override: bool = ...) -> None: ...
+                 batching: bool = ..., timeout_ns: int = ..., allow_timeout_override: bool = ...,
+                 work_conserving: bool = ...) -> None: ...
     def __len__(self) -> int: ...
     @property
     def rows(self) -> int: ...

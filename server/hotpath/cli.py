@@ -11,7 +11,7 @@ from pathlib import Path
 from hotpath.drift.cli import add_commands as add_drift_commands
 from hotpath import __version__
 from hotpath.logs import configure_logging
-from hotpath.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, available_cpus, default_workers, parse_size
+from hotpath.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, available_cpus, grpc_threads, parse_size
 
 log = logging.getLogger("hotpath")
 
@@ -33,12 +33,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                        help="largest request or response message (default 64MiB)")
     serve.add_argument("--cache-size", type=_size, default=defaults.cache_bytes,
                        help="response cache budget shared by every model with response_cache { enable: true }, "
-                            "e.g. 256MiB (default 0: off); split evenly over the workers")
-    serve.add_argument("--workers", type=int, default=defaults.workers,
-                       help="front-end processes sharing the port, each with its own GIL "
-                            "(default: one per usable CPU, at most 4)")
+                            "e.g. 256MiB (default 0: off)")
+    serve.add_argument("--grpc-threads", type=int, default=defaults.grpc_threads,
+                       help="gRPC threads that accept calls and move messages, without the GIL "
+                            "(default: one per two usable CPUs, at most 4)")
     serve.add_argument("--cpus", type=int, default=defaults.cpus,
-                       help="CPUs for replicas x threads over all workers (default: what the process may use)")
+                       help="CPUs for replicas x threads (default: what the process may use)")
     serve.add_argument("--pin-threads", action="store_true", help="pin each replica's ONNX Runtime threads to its own cores")
     serve.add_argument("--require-gpu", action="store_true", help="fail KIND_GPU models when CUDA is unavailable instead of using the CPU")
     serve.add_argument("--metrics-port", type=int, default=defaults.metrics_port,
@@ -59,14 +59,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     from hotpath.telemetry import trace_settings
 
-    if args.workers < 0:
-        log.error("--workers must be at least 1 (or 0 for one per usable CPU), got %d", args.workers)
+    if args.grpc_threads < 0:
+        log.error("--grpc-threads must be at least 1 (or 0 to choose from the usable CPUs), got %d", args.grpc_threads)
         return 2
     if not 0 <= args.metrics_port <= 65535:
         log.error("--metrics-port must be a port number (0 turns the endpoint off), got %d", args.metrics_port)
         return 2
     settings = Settings(model_repository=args.model_repository, host=args.host, port=args.port,
-                        max_message_bytes=args.max_message_size, workers=args.workers or default_workers(args.cpus), cpus=args.cpus,
+                        max_message_bytes=args.max_message_size, grpc_threads=args.grpc_threads, cpus=args.cpus,
                         pin_threads=args.pin_threads, require_gpu=args.require_gpu, log_level=args.log_level,
                         cache_bytes=args.cache_size, metrics_port=args.metrics_port, tracing=args.tracing,
                         trace_endpoint=args.trace_endpoint, trace_sampling=args.trace_sampling)
@@ -82,8 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
     elif not repository.is_dir():
         log.error("model repository %s is not a directory", repository)
         return 2
-    log.info("settings: %d worker(s), %s CPUs for replicas, max message %d bytes, cache %s, metrics %s, tracing %s%s%s",
-             settings.workers, settings.cpus or available_cpus(), settings.max_message_bytes,
+    log.info("settings: %d gRPC thread(s), %s CPUs for replicas, max message %d bytes, cache %s, metrics %s, tracing %s%s%s",
+             grpc_threads(settings), settings.cpus or available_cpus(), settings.max_message_bytes,
              f"{settings.cache_bytes} bytes" if settings.cache_bytes else "off",
              f"port {settings.metrics_port}" if settings.metrics_port else "off",
              f"to {tracing.endpoint or 'the OTEL_* endpoint'} at ratio {tracing.ratio}" if tracing else "off",
@@ -106,7 +106,7 @@ def _concurrency_list(text: str) -> list[int]:
 def _add_tune(subparsers: argparse._SubParsersAction) -> None:
     tune = subparsers.add_parser(
         "tune", help="find the fastest configuration of one model on this machine, within a p99 latency budget",
-        description="Serve MODEL under load in a series of candidate configurations (workers x replicas x threads, "
+        description="Serve MODEL under load in a series of candidate configurations (replicas x threads, "
                     "max batch size, queue delay, response cache), keep the fastest whose p99 fits the budget, "
                     "and write its config.pbtxt with a report (table and plot) of every trial.")
     tune.add_argument("model", metavar="MODEL", help="the model's directory name in the repository")

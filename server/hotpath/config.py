@@ -23,6 +23,11 @@ CONFIG_FILE = "config.pbtxt"
 DEFAULT_MODEL_FILE = "model.onnx"
 DEFAULT_MAX_BATCH_SIZE = 64
 """`max_batch_size` given to a model without a config whose inputs all have a dynamic first dim."""
+BATCH_POLICY_WORK_CONSERVING = "work_conserving"
+"""The default: a free replica runs what is queued at once; requests gather only while every replica is busy."""
+BATCH_POLICY_DELAY = "delay"
+"""Triton's rule: a batch waits until it is full or its oldest request has waited `max_queue_delay_microseconds`."""
+BATCH_POLICIES = (BATCH_POLICY_WORK_CONSERVING, BATCH_POLICY_DELAY)
 
 
 @dataclass(frozen=True)
@@ -119,3 +124,13 @@ def parameter(config: model_config_pb2.ModelConfig, key: str, default: int) -> i
         return int(value)
     except ValueError:
         raise LoadError(f"model '{config.name}': parameter '{key}' must be an integer, got '{value}'") from None
+
+
+def batch_policy(config: model_config_pb2.ModelConfig) -> str:
+    """The config's `batch_policy` parameter (default work_conserving), with a load error naming a bad value."""
+    if "batch_policy" not in config.parameters:
+        return BATCH_POLICY_WORK_CONSERVING
+    value = config.parameters["batch_policy"].string_value
+    if value not in BATCH_POLICIES:
+        raise LoadError(f"model '{config.name}': parameter 'batch_policy' must be one of {list(BATCH_POLICIES)}, got '{value}'")
+    return value

@@ -20,7 +20,6 @@ from hotpath.errors import InferenceError, InvalidArgument, ResponseTooLarge
 from hotpath.model import Model
 from hotpath.repository import ModelRepository, check_model_name
 from hotpath.stats import to_proto
-from hotpath.workers import Coordinator
 
 EXTENSIONS = ("model_repository", "statistics", "model_configuration", "schedule_policy")
 """The protocol extensions ServerMetadata reports."""
@@ -32,9 +31,8 @@ STREAM_ENVELOPE_BYTES = 6
 class DataPlane:
     """What the server does, independent of how requests arrive."""
 
-    def __init__(self, repository: ModelRepository, coordinator: Coordinator, cache: ResponseCache | None = None) -> None:
+    def __init__(self, repository: ModelRepository, cache: ResponseCache | None = None) -> None:
         self.repository = repository
-        self.coordinator = coordinator
         self.cache = cache
         self._codecs: dict[int, ModelCodec] = {}
         self._message_limit = repository.settings.max_message_bytes
@@ -153,20 +151,20 @@ class DataPlane:
         return response
 
     async def load(self, name: str, parameters: Sequence[str] = ()) -> None:
-        """Load or reload a model on every server process; a config or files sent with the request are refused."""
+        """Load or reload a model; a config or files sent with the request are refused."""
         check_model_name(name)
         if parameters:
             raise InvalidArgument(f"RepositoryModelLoad parameters {list(parameters)} are not supported: hotpath loads what is in "
                                   "the model repository; change the files there and load again")
-        await self.coordinator.load(name)
+        await self.repository.load(name)
 
     async def unload(self, name: str, parameters: Sequence[str] = ()) -> None:
-        """Unload a model on every server process (hotpath has no ensembles, so there are no dependents to unload)."""
+        """Unload a model (hotpath has no ensembles, so there are no dependents to unload)."""
         check_model_name(name)
         unsupported = [p for p in parameters if p != "unload_dependents"]
         if unsupported:
             raise InvalidArgument(f"RepositoryModelUnload parameters {unsupported} are not supported")
-        await self.coordinator.unload(name)
+        await self.repository.unload(name)
 
     def index(self, ready_only: bool = False) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()

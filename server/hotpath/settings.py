@@ -30,9 +30,9 @@ class Settings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest request or response message, in bytes; larger ones fail with RESOURCE_EXHAUSTED."""
 
-    workers: int = 0
-    """Front-end processes serving the port together (SO_REUSEPORT), each with its own GIL; 0 means
-    `default_workers()`: one per usable CPU, at most MAX_AUTO_WORKERS."""
+    grpc_threads: int = 0
+    """gRPC threads that accept calls and read and write messages (without the GIL); 0 means
+    `grpc_threads()`'s choice for the usable CPUs."""
 
     cpus: int = 0
     """CPUs the server may use for replicas x threads; 0 means what the process may actually use."""
@@ -66,24 +66,19 @@ class Settings:
     grace_seconds: float = 5.0
     """On shutdown, how long in-flight requests may take to finish."""
 
-    run_dir: Path | None = None
-    """Set by the server at start: where its processes share statistics (under /dev/shm when present)."""
 
-    worker_index: int = 0
-    """Set by the server at start: which of the `workers` processes this is."""
+MAX_AUTO_GRPC_THREADS = 4
+"""Most gRPC threads chosen automatically."""
 
 
-MAX_AUTO_WORKERS = 4
-"""Most front-end processes chosen automatically: each loads every model, so more cost memory."""
+def grpc_threads(settings: Settings) -> int:
+    """gRPC threads for the server: as set, else one per two usable CPUs, at most MAX_AUTO_GRPC_THREADS.
 
-
-def default_workers(cpus: int = 0) -> int:
-    """Front-end processes when --workers is not given: one per usable CPU, at most MAX_AUTO_WORKERS.
-
-    gRPC's Python layer costs well over 100 us of CPU per request and a process runs one GIL, so a
-    single process leaves cores idle; measured on 2 cores, two workers serve 1.4x the requests of one.
+    The event loop's thread and the replicas need the other cores.
     """
-    return max(1, min(cpus or available_cpus(), MAX_AUTO_WORKERS))
+    if settings.grpc_threads:
+        return settings.grpc_threads
+    return max(1, min((settings.cpus or available_cpus()) // 2, MAX_AUTO_GRPC_THREADS))
 
 
 def available_cpus() -> int:

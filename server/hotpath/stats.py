@@ -1,9 +1,7 @@
 """Per-model statistics in Triton's shape, kept as counters in one flat int64 array.
 
-A flat array (rather than Python attributes) lets several server processes each keep their own
-counters in shared memory and any one of them report the sum. Beyond Triton's statistics the array
-holds what the Prometheus endpoint (`metrics.py`) shows: failures by gRPC status, fixed-bucket
-duration histograms, and gauges that every process sets for its own share (summing gives the server's).
+Beyond Triton's statistics the array holds what the Prometheus endpoint (`metrics.py`) shows:
+failures by gRPC status, fixed-bucket duration histograms, and gauges.
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -31,7 +28,7 @@ STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 """gRPC status number -> name, the reasons a request can fail with."""
 
 GAUGES = ("queue_depth", "in_flight", "replicas", "busy_ns", "cache_entries", "cache_bytes", "cache_evictions")
-"""Values each process sets (or, for busy_ns, accumulates) for its own share of a model version."""
+"""Values the server sets (or, for busy_ns, accumulates) for a model version."""
 
 DURATION_INDEX = {name: 2 * i for i, name in enumerate(DURATIONS)}
 """Where each duration's (count, ns) pair starts."""
@@ -55,13 +52,8 @@ def counters_size(max_batch_size: int) -> int:
     return _BATCH_BASE + (max(max_batch_size, 1) + 1) * _BATCH_FIELDS
 
 
-def max_batch_size_of(size: int) -> int:
-    """The max_batch_size (at least 1) that a counters array of `size` int64s was made for."""
-    return (size - _BATCH_BASE) // _BATCH_FIELDS - 1
-
-
 class ModelStats:
-    """Counters for one model version; `counters` may be a view into shared memory."""
+    """Counters for one model version."""
 
     def __init__(self, max_batch_size: int, counters: np.ndarray | None = None) -> None:
         size = counters_size(max_batch_size)
@@ -112,7 +104,7 @@ class ModelStats:
         c[GAUGE["busy_ns"]] += input_ns + infer_ns
 
     def set_gauge(self, name: str, value: int) -> None:
-        """Set this process's share of a gauge in GAUGES."""
+        """Set a gauge in GAUGES."""
         self.counters[GAUGE[name]] = value
 
     def set_load(self, queued: int, running: int) -> None:
@@ -122,7 +114,7 @@ class ModelStats:
         c[GAUGE["in_flight"]] = queued + running
 
     def set_cache(self, entries: int, size_bytes: int, evictions: int) -> None:
-        """Record this process's response cache state for the model: entries, bytes, evictions so far."""
+        """Record the response cache's state for the model: entries, bytes, evictions so far."""
         c = self.counters
         c[GAUGE["cache_entries"]] = entries
         c[GAUGE["cache_bytes"]] = size_bytes
@@ -160,55 +152,26 @@ def to_proto(name: str, version: int, counters: np.ndarray, max_batch_size: int)
 
 
 class StatsStore:
-    """Counters of every model version, one file per server process, under a shared run directory.
+    """Counters of every model version the server has served, kept after it unloads.
 
-    Each process writes only its own files (memory-mapped, so an update is a store to memory); any
-    process, or the metrics endpoint, reports the sum over all of them.
+    Written on the event loop's thread; the metrics endpoint's thread reads them (a torn read of a
+    counter being updated shows the value before or after, never garbage: int64 stores are atomic).
     """
 
-    def __init__(self, run_dir: Path, worker: int) -> None:
-        self.root = run_dir / "stats"
-        self.worker = worker
-
-    def _dir(self, name: str, version: int) -> Path:
-        return self.root / name / str(version)
+    def __init__(self) -> None:
+        self._stats: dict[tuple[str, int], ModelStats] = {}
 
     def create(self, name: str, version: int, max_batch_size: int) -> ModelStats:
-        """Fresh zeroed counters for this process's copy of a model version."""
-        directory = self._dir(name, version)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"w{self.worker}.i64"
-        staging = directory / f".w{self.worker}.i64.tmp"
-        np.zeros(counters_size(max_batch_size), np.int64).tofile(staging)
-        staging.replace(path)
-        return ModelStats(max_batch_size, np.memmap(path, np.int64, mode="r+").view(np.ndarray))
+        """Fresh zeroed counters for a model version (a reload starts it from zero)."""
+        stats = self._stats[(name, version)] = ModelStats(max_batch_size)
+        return stats
 
     def total(self, name: str, version: int, max_batch_size: int) -> np.ndarray:
-        """The sum of every process's counters for a model version."""
-        size = counters_size(max_batch_size)
-        return _sum(self._dir(name, version), size)
+        """The counters of a model version (zeros when it never served)."""
+        stats = self._stats.get((name, version))
+        return stats.counters if stats is not None else np.zeros(counters_size(max_batch_size), np.int64)
 
     def totals(self) -> Iterator[tuple[str, int, int, np.ndarray]]:
-        """(name, version, max_batch_size, summed counters) of every model version any process has served.
-
-        Reads only the files, so it works in a process that serves no models (the supervisor).
-        """
-        for directory in sorted(self.root.glob("*/*")):
-            files = list(directory.glob("w*.i64"))
-            if not directory.name.isdigit() or not files:
-                continue
-            newest = max(files, key=lambda p: p.stat().st_mtime_ns)
-            size = newest.stat().st_size // 8
-            yield directory.parent.name, int(directory.name), max_batch_size_of(size), _sum(directory, size)
-
-
-def _sum(directory: Path, size: int) -> np.ndarray:
-    """The sum over a model version's per-process files of `size` counters (the latest inference: the max)."""
-    total = np.zeros(size, np.int64)
-    for path in directory.glob("w*.i64"):
-        counters = np.fromfile(path, np.int64)
-        if counters.shape == (size,):
-            last = max(total[LAST_INFERENCE_MS], counters[LAST_INFERENCE_MS])
-            total += counters
-            total[LAST_INFERENCE_MS] = last
-    return total
+        """(name, version, max_batch_size, counters) of every model version served, in name and version order."""
+        for (name, version), stats in sorted(self._stats.items()):
+            yield name, version, stats.max_batch_size, stats.counters

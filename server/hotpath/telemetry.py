@@ -18,7 +18,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -120,16 +120,17 @@ def _exporter(config: TraceSettings) -> SpanExporter:
 
 
 class Tracing:
-    """One process's tracer provider and sampling decision for incoming calls."""
+    """The server's tracer provider and sampling decision for incoming calls."""
 
     def __init__(self, provider: TracerProvider, ratio: float) -> None:
         self.provider = provider
         self.ratio = ratio
 
-    def start_rpc(self, method: str, context: grpc.aio.ServicerContext) -> Span | None:
-        """The server span for a call to `method` when it is sampled, else None (and nothing allocated)."""
+    def start_rpc(self, method: str, metadata: Iterable[tuple[str, str | bytes]]) -> Span | None:
+        """The server span for a call to `method` with the caller's `metadata` when it is sampled, else None
+        (and nothing allocated)."""
         traceparent = tracestate = None
-        for key, value in context.invocation_metadata() or ():
+        for key, value in metadata:
             if key == "traceparent":
                 traceparent = value
             elif key == "tracestate":
@@ -157,7 +158,7 @@ def configure_tracing(settings: Settings) -> Tracing | None:
     config = trace_settings(settings)
     if config is None:
         return None
-    resource = Resource.create({"service.version": __version__, "hotpath.worker": settings.worker_index})
+    resource = Resource.create({"service.version": __version__})
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": "hotpath"}))
     provider = TracerProvider(sampler=ParentBased(ALWAYS_ON), resource=resource)

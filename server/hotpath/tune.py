@@ -3,9 +3,9 @@
 The tuner drives the real server, not a model of it: every candidate is a `hotpath serve` subprocess
 on 127.0.0.1 with the candidate's config.pbtxt, measured under closed-loop load from
 `hotpath.loadgen`. A full grid is far too slow, so it searches by coordinate descent from the
-model's own configuration: front-end workers x replicas x intra-op threads first (never more ONNX
-Runtime threads than the CPUs the process may use), then the response cache (only for traffic that
-repeats), then max batch size, then queue delay, and again while the time budget lasts. A candidate
+model's own configuration: replicas x intra-op threads first (never more ONNX Runtime threads than
+the CPUs the process may use), then the response cache (only for traffic that repeats), then max
+batch size, then the batch policy and queue delay, and again while the time budget lasts. A candidate
 replaces the best only when it is clearly faster (`MIN_GAIN`), so noise does not walk the search.
 
 The score of a candidate is its best throughput, over the load levels tried, whose p99 latency is
@@ -34,16 +34,18 @@ from hotpath import loadgen
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import grpc_service_pb2_grpc as pb_grpc
 from hotpath._proto import model_config_pb2
-from hotpath.config import read_config
+from hotpath.config import BATCH_POLICY_DELAY, BATCH_POLICY_WORK_CONSERVING, batch_policy, read_config
 from hotpath.errors import LoadError
-from hotpath.settings import available_cpus, default_workers
+from hotpath.settings import available_cpus
 
 MIN_GAIN = 0.03
 """A candidate must beat the best so far by this fraction of throughput to replace it."""
 BATCH_SIZES = (8, 16, 32, 64, 128)
 QUEUE_DELAYS_US = (0, 100, 250, 500, 1000, 2000, 5000, 20000)
-"""A batch is ready when full or when its oldest request has waited the delay, so a long delay is
-how a compute-bound model gets full batches (large model, 2 cores: 1.38x with 20 ms over 1 ms)."""
+"""0 is the work-conserving batch policy (a free replica takes what is queued at once); any other
+delay is the delay policy, under which a batch waits until full or until its oldest request has
+waited the delay: how a compute-bound model may get fuller batches (large model, 2 cores: 1.38x with
+20 ms over 1 ms)."""
 CACHE_BYTES = "256MiB"
 REPEATING_DISTRIBUTIONS = ("zipf", "replay")
 """Traffic that repeats inputs, the only kind a response cache can help."""
@@ -55,10 +57,10 @@ KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
 class Candidate:
     """One configuration to try. `replicas == 0` keeps the model's own instance_group and thread
     parameters (the server then chooses as it would for the user), `max_batch_size == 0` its batching
-    settings; the rest override the config. The tuner starts from the model's config on the default
-    number of workers."""
+    settings; the rest override the config. With `max_batch_size` set, `queue_delay_us == 0` means
+    the work-conserving batch policy and any other delay the delay policy. The tuner starts from the
+    model's own config."""
 
-    workers: int = 1
     replicas: int = 0
     intra_threads: int = 0
     execution: str = "auto"
@@ -73,13 +75,22 @@ class Candidate:
             placement = f"inline x {self.intra_threads} thread(s)"
         else:
             placement = f"{self.replicas} replica(s) x {self.intra_threads} thread(s)"
-        batching = (f"batch {self.max_batch_size}, delay {self.queue_delay_us} us" if self.max_batch_size
-                    else "batching as configured")
-        return f"{self.workers} worker(s), {placement}, {batching}, cache {'on' if self.cache else 'off'}"
+        if not self.max_batch_size:
+            batching = "batching as configured"
+        elif self.queue_delay_us:
+            batching = f"batch {self.max_batch_size}, delay {self.queue_delay_us} us"
+        else:
+            batching = f"batch {self.max_batch_size}, work-conserving"
+        return f"{placement}, {batching}, cache {'on' if self.cache else 'off'}"
+
+    @property
+    def batch_policy(self) -> str:
+        """The batch policy a candidate with `max_batch_size` set gives the model."""
+        return BATCH_POLICY_DELAY if self.queue_delay_us else BATCH_POLICY_WORK_CONSERVING
 
     def server_flags(self, cpus: int) -> list[str]:
         """The `hotpath serve` flags this candidate needs besides the repository and address."""
-        return ["--workers", str(self.workers), "--cpus", str(cpus)] + (["--cache-size", CACHE_BYTES] if self.cache else [])
+        return ["--cpus", str(cpus)] + (["--cache-size", CACHE_BYTES] if self.cache else [])
 
     def apply(self, config: model_config_pb2.ModelConfig) -> model_config_pb2.ModelConfig:
         """Return a copy of `config` with this candidate's per-model settings."""
@@ -93,35 +104,28 @@ class Candidate:
         if self.max_batch_size:
             tuned.max_batch_size = self.max_batch_size
             tuned.dynamic_batching.max_queue_delay_microseconds = self.queue_delay_us
+            tuned.parameters["batch_policy"].string_value = self.batch_policy
         if self.cache or tuned.HasField("response_cache"):
             tuned.response_cache.enable = self.cache
         return tuned
 
 
-def placements(cpus: int) -> list[tuple[int, int, int, str]]:
-    """(workers, replicas, intra-op threads, execution) to try on `cpus` CPUs.
+def placements(cpus: int) -> list[tuple[int, int, str]]:
+    """(replicas, intra-op threads, execution) to try on `cpus` CPUs.
 
-    Workers are powers of two up to `cpus`; each worker's share of CPUs goes to one inline session
-    (1 thread, or the whole share) or to replicas x threads that use the whole share. ONNX Runtime
-    threads over every worker never exceed `cpus`.
+    One inline session (1 thread, or all of them) or replicas x threads that use every CPU; ONNX
+    Runtime threads never exceed `cpus`.
     """
-    found = []
-    workers_options = sorted({2**i for i in range(cpus.bit_length()) if 2**i <= cpus} | {cpus})
-    for workers in workers_options:
-        share = cpus // workers
-        for threads in sorted({1, share}):
-            found.append((workers, 1, threads, "inline"))
-        for replicas in range(1, share + 1):
-            if share % replicas == 0:
-                found.append((workers, replicas, share // replicas, "threads"))
+    found = [(1, threads, "inline") for threads in sorted({1, cpus})]
+    found += [(replicas, cpus // replicas, "threads") for replicas in range(1, cpus + 1) if cpus % replicas == 0]
     return found
 
 
 def threads_used(candidate: Candidate, cpus: int) -> int:
-    """ONNX Runtime compute threads over all workers (a replica-less candidate uses the server's plan)."""
+    """ONNX Runtime compute threads of the candidate (a replica-less candidate uses the server's plan)."""
     if candidate.replicas == 0:
         return cpus
-    return candidate.workers * candidate.replicas * candidate.intra_threads
+    return candidate.replicas * candidate.intra_threads
 
 
 @dataclass
@@ -249,8 +253,9 @@ class Tuner:
         if best.score_rps is None and best.note.startswith("failed"):
             raise LoadError(f"model '{self.model}' does not serve with its own configuration: {best.note}")
         batching = self.served_config.max_batch_size > 0
-        base = replace(start, max_batch_size=self.served_config.max_batch_size,
-                       queue_delay_us=self.served_config.dynamic_batching.max_queue_delay_microseconds)
+        delay_us = (self.served_config.dynamic_batching.max_queue_delay_microseconds
+                    if batch_policy(self.served_config) == BATCH_POLICY_DELAY else 0)
+        base = replace(start, max_batch_size=self.served_config.max_batch_size, queue_delay_us=delay_us)
         self.tried[base] = best
         best_candidate = base
         stages: list[tuple[str, list]] = [("placement", placements(self.cpus))]
@@ -275,8 +280,8 @@ class Tuner:
     @staticmethod
     def vary(candidate: Candidate, stage: str, value: object) -> Candidate:
         if stage == "placement":
-            workers, replicas, threads, execution = value
-            return replace(candidate, workers=workers, replicas=replicas, intra_threads=threads, execution=execution)
+            replicas, threads, execution = value
+            return replace(candidate, replicas=replicas, intra_threads=threads, execution=execution)
         if stage == "batch":
             return replace(candidate, max_batch_size=value)
         if stage == "delay":
@@ -392,7 +397,7 @@ def tune(args: argparse.Namespace) -> dict:
         print(f"tuning model '{args.model}' on {tuner.cpus} CPUs for {args.time_budget:.0f} s "
               f"(client {args.client}, {args.distribution} inputs, in flight {args.concurrency}, "
               f"p99 latency budget {_budget(args.latency_budget_ms)}):", flush=True)
-        start = Candidate(workers=default_workers(tuner.cpus), cache=tuner.config.response_cache.enable)
+        start = Candidate(cache=tuner.config.response_cache.enable)
         reserve = args.confirm_rounds * 2 * (args.warmup + args.duration) + 6.0
         best = tuner.search(start, reserve)
         start_trial = tuner.trials[0]
@@ -414,7 +419,7 @@ def tune(args: argparse.Namespace) -> dict:
     text_format.Parse(text, model_config_pb2.ModelConfig())
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
-    serve_flags = ["--model-repository", str(args.model_repository), "--workers", str(winner.workers)]
+    serve_flags = ["--model-repository", str(args.model_repository)]
     if winner.cache:
         serve_flags += ["--cache-size", CACHE_BYTES]
     result = {
