@@ -73,17 +73,17 @@ class BatchQueue:
     def full(self) -> bool:
         return self.max_requests == 1 or self.rows >= self.target
 
-    def ready_in(self, now_ns: int) -> int:
+    def ready_in(self, now_ns: int, busy: bool = False) -> int:
         if not self.items:
             return -1
-        if self.work_conserving or self.full():
+        if (self.work_conserving and not busy) or self.full():
             return 0
         return max(0, self.items[0].enqueued_ns + self.max_delay_ns - now_ns)
 
-    def ready_reason(self) -> str:
+    def ready_reason(self, busy: bool = False) -> str:
         if self.full():
             return READY_FULL
-        return READY_IDLE if self.work_conserving else READY_DELAY
+        return READY_IDLE if self.work_conserving and not busy else READY_DELAY
 
     def pop_batch(self, now_ns: int) -> list[Pending]:
         batch: list[Pending] = []

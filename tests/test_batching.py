@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -171,7 +172,7 @@ def test_a_lone_request_on_an_idle_model_waits_out_the_delay_only_under_the_dela
             return [await timed(client, "lone_go") for _ in range(3)], [await timed(client, "lone_delay") for _ in range(3)]
 
     work_conserving, delayed = asyncio.run(main())
-    assert max(work_conserving) < 0.025, work_conserving
+    assert statistics.median(work_conserving) < 0.025, work_conserving
     assert min(delayed) >= 0.05, delayed
 
 
@@ -410,20 +411,23 @@ def test_a_burst_pushed_in_one_loop_pass_runs_as_one_batch(inline: bool) -> None
 def test_a_lone_request_on_an_idle_model_waits_out_the_delay_only_under_the_delay_policy_in_process(policy: str | None) -> None:
     model, _, runs = _held_model(delay_us=50_000, policy=policy)
 
-    async def main() -> float:
+    async def main() -> list[float]:
+        took = []
         try:
-            start = time.perf_counter()
-            await _held_infer(model, 1)
-            return time.perf_counter() - start
+            for _ in range(3):
+                start = time.perf_counter()
+                await _held_infer(model, 1)
+                took.append(time.perf_counter() - start)
+            return took
         finally:
             await model.close()
 
     took = asyncio.run(main())
-    assert runs == [(0, 1)]
+    assert runs == [(0, 1)] * 3
     if policy == "delay":
-        assert took >= 0.05
+        assert min(took) >= 0.05, took
     else:
-        assert took < 0.02, f"a lone request on an idle work-conserving model took {took * 1e3:.1f} ms"
+        assert statistics.median(took) < 0.02, f"lone requests on an idle work-conserving model took {took} s"
 
 
 def test_requests_gather_while_every_replica_is_busy_and_the_freed_one_takes_up_to_max_rows() -> None:
@@ -449,25 +453,29 @@ def test_requests_gather_while_every_replica_is_busy_and_the_freed_one_takes_up_
     assert runs == [(0, 1), (0, 8), (0, 2)], "the freed replica takes what gathered, max_batch_size rows at a time, at once"
 
 
-def test_a_free_replica_takes_a_request_at_once_while_another_is_busy() -> None:
-    model, sessions, runs = _held_model(replicas=2, delay_us=10_000_000)
+def test_while_a_batch_runs_requests_gather_for_the_delay_on_a_free_replica() -> None:
+    model, sessions, runs = _held_model(replicas=2, delay_us=200_000)
 
-    async def main() -> np.ndarray:
+    async def main() -> tuple[np.ndarray, float]:
         try:
             sessions[0].release.clear()
             busy = asyncio.create_task(_held_infer(model, -1))
             assert await asyncio.to_thread(sessions[0].running.wait, 5)
-            lone = await asyncio.wait_for(_held_infer(model, 3), 2)
+            started = time.monotonic()
+            lone = await asyncio.wait_for(_held_infer(model, 3), 5)
+            waited = time.monotonic() - started
             assert not busy.done()
             sessions[0].release.set()
             await busy
-            return lone
+            return lone, waited
         finally:
             sessions[0].release.set()
             await model.close()
 
-    np.testing.assert_array_equal(asyncio.run(main()), np.full((1, 2), 6, np.float32))
-    assert runs == [(0, 1), (1, 1)]
+    lone, waited = asyncio.run(main())
+    np.testing.assert_array_equal(lone, np.full((1, 2), 6, np.float32))
+    assert waited >= 0.2, "with a batch running, a request gathers company for the queue delay"
+    assert runs == [(0, 1), (1, 1)], "then it runs on the free replica, not behind the busy one"
 
 
 def test_an_unknown_batch_policy_fails_the_load_naming_the_allowed_values(tmp_path: Path) -> None:

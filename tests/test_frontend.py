@@ -50,8 +50,9 @@ def test_calls_on_one_connection_batch_together(tmp_path, start_server):
     assert stats.execution_count < 100, "requests in flight on one connection should share batches"
 
 
-def test_compressed_requests_are_served(server):
-    with grpc.insecure_channel(server.url, compression=grpc.Compression.Gzip) as channel:
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+def test_compressed_requests_are_served(server, compression):
+    with grpc.insecure_channel(server.url, compression=compression) as channel:
         response = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_add_sub_request(3.0), timeout=10)
     assert np.frombuffer(response.raw_output_contents[0], np.float32)[0] == 6.0
 

@@ -111,15 +111,17 @@ cdef class BatchQueue:
         self._items.append(Pending.new(future, inputs, rows, key, now_ns, deadline_ns, context))
         self._rows += rows
 
-    def ready_in(self, long long now_ns) -> int:
+    def ready_in(self, long long now_ns, bint busy=False) -> int:
         """-1 when empty, 0 when a batch is ready now, else nanoseconds until the oldest's delay ends.
 
-        Under the work-conserving policy a queued request is always ready: the caller asks only
-        when a replica is free.
+        `busy` says whether a batch of this model is running. Under the work-conserving policy a
+        queued request is ready at once while none is (nobody else will come to fill its batch
+        sooner than the model can start); while one runs, requests gather as under the delay rule,
+        so the next batch is fuller.
         """
         if not self._items:
             return -1
-        if self.work_conserving or self._full():
+        if (self.work_conserving and not busy) or self._full():
             return 0
         cdef Pending head = self._items[0]
         cdef long long waited = now_ns - head.enqueued_ns
@@ -128,12 +130,13 @@ cdef class BatchQueue:
     cdef inline bint _full(self):
         return self.max_requests == 1 or self._rows >= self._full_rows
 
-    def ready_reason(self) -> str:
+    def ready_reason(self, bint busy=False) -> str:
         """Why a batch is ready now: READY_FULL when the queue holds a full batch, else READY_IDLE
-        (work-conserving: a replica was free) or READY_DELAY (the oldest request waited the delay)."""
+        (work-conserving, and nothing of the model was running) or READY_DELAY (the oldest request
+        waited the delay)."""
         if self._full():
             return READY_FULL
-        return READY_IDLE if self.work_conserving else READY_DELAY
+        return READY_IDLE if self.work_conserving and not busy else READY_DELAY
 
     cdef bint _expired(self, Pending p, long long now_ns):
         return p.deadline_ns != 0 and now_ns >= p.deadline_ns

@@ -50,7 +50,7 @@ _REQUEST_ID_TAG = b"\x1a"
 """ModelInferRequest.id is field 3, length-delimited: appended to a serialized request, it sets the id."""
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _H2LOAD_INSTALL_HINT = "h2load not found on PATH: install it with `apt-get install -y nghttp2-client`"
-_SERVING_LINE = re.compile(r"hotpath serving .* on (\S+):(\d+) with")
+_SERVING_LINE = re.compile(r"hotpath serving .* on (\S+):(\d+)$", re.MULTILINE)
 _NUMPY_TYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
                 "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
                 "FP32": np.float32, "FP64": np.float64}

@@ -4,8 +4,9 @@ Requests queue in the native `BatchQueue` on the event loop's thread. Whenever a
 a batch is ready, the batch goes to that replica's own thread (one cross-thread hand-off per batch);
 ONNX Runtime releases the GIL while it computes, so replicas run in parallel with the front end.
 The finished batch comes back to the loop in one callback, which hands every caller its own rows.
-Under the default work-conserving policy a free replica takes what is queued at once, so requests
-gather into batches only while every replica is busy. Replica planning lives in `replicas.py`,
+Under the default work-conserving policy a model with nothing running starts what is queued at once,
+so a lone request never waits out the queue delay; while a batch runs, requests gather (up to the
+delay, or a full batch) so that the next one is fuller. Replica planning lives in `replicas.py`,
 sessions and the inline-or-threads choice in `sessions.py`.
 """
 
@@ -159,7 +160,8 @@ class Model:
         queue = self._queue
         while self._idle:
             now = time.monotonic_ns()
-            wait = queue.ready_in(now)
+            busy = self._running > 0
+            wait = queue.ready_in(now, busy)
             if wait < 0:
                 return
             if wait > 0:
@@ -167,7 +169,7 @@ class Model:
                     self._armed_ns = now + wait
                     self._timer.arm(self._armed_ns)
                 return
-            reason = queue.ready_reason()
+            reason = queue.ready_reason(busy)
             batch = queue.pop_batch(now)
             if not batch:
                 continue
