@@ -5,7 +5,7 @@ load, in interleaved rounds (A B C, then C B A, ...), so machine noise that drif
 falls on all of them alike. Medians over the rounds are reported, with each one's ratio to the
 first configuration and to the in-process ONNX Runtime ceiling.
 
-    python -m bench.compare --config 'default=' --config 'w2=--workers 2' --config 'naive=@naive' \\
+    python -m bench.compare --config 'default=' --config 'pinned=--pin-threads' --config 'naive=@naive' \\
         --models medium --concurrency 64 --rounds 3
 
 A configuration is NAME=SPEC. SPEC is `hotpath serve` flags, or `@naive` for the naive reference
@@ -48,7 +48,7 @@ class ServerConfig:
         """Read NAME=SPEC; raises ValueError saying what is wrong."""
         name, sep, spec = text.partition("=")
         if not sep or not name.strip():
-            raise ValueError(f"--config {text!r}: expected NAME=SPEC, e.g. 'w2=--workers 2' or 'naive=@naive'")
+            raise ValueError(f"--config {text!r}: expected NAME=SPEC, e.g. 'pinned=--pin-threads' or 'naive=@naive'")
         config = cls(name.strip())
         tokens = iter(shlex.split(spec))
         for token in tokens:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> Path:
     """Run the comparison; return the JSON results path."""
     args = parse_args(argv)
     scenarios = run.scenario_list(args)
-    models = list(dict.fromkeys(model for model, _ in scenarios))
+    models = list(dict.fromkeys(scenario.model for scenario in scenarios))
     names = [config.name for config in args.configs]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -187,11 +187,11 @@ def main(argv: list[str] | None = None) -> Path:
         for round_index in range(args.rounds):
             order = names if round_index % 2 == 0 else names[::-1]
             print(f"round {round_index + 1}/{args.rounds}:", flush=True)
-            for model, level in scenarios:
+            for scenario in scenarios:
                 for name in order:
-                    result = run.measure(started[name], model, level, args, sessions[model])
-                    results["runs"][name].append(result.to_json())
-                    print(run.summary_line(name, result), flush=True)
+                    measured = run.measure(started[name], scenario, args, sessions[scenario.model])
+                    results["runs"][name].append(measured)
+                    print(run.summary_line(name, measured), flush=True)
     results["summary"] = summarize(results["runs"], results["ceiling"], names)
     print_table(results["summary"], names, args.mode == "open")
     json_path = args.out / f"{stamp}-compare.json"
@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> Path:
 def failures(results: dict) -> list[str]:
     """Runs that returned errors or wrong outputs: their numbers mean nothing."""
     return [f"{name} {r['model']}@{run.run_level(r):g}" for name, runs in results["runs"].items() for r in runs
-            if r["errors"] or r.get("server_stats", {}).get("fail") or r["verification"]["mismatched"]
+            if r["errors"] or r.get("server_stats", {}).get("fail", 0) > r.get("cancelled_at_stop_max", 0)
+            or r["verification"]["mismatched"]
             or r["verification"]["errors"]]
 
 

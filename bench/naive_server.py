@@ -90,9 +90,9 @@ class NaiveInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-def serve(repository: Path, host: str, port: int, workers: int) -> None:
+def serve(repository: Path, host: str, port: int, threads: int) -> None:
     """Serve until SIGTERM or SIGINT."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(NaiveInferenceServicer(repository), server)
     server.add_insecure_port(f"{host}:{port}")
     server.start()
@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--workers", type=int, default=4 * (os.cpu_count() or 1), help="gRPC handler threads")
+    parser.add_argument("--threads", type=int, default=4 * (os.cpu_count() or 1), help="gRPC handler threads")
     args = parser.parse_args(argv)
-    serve(args.model_repository, args.host, args.port, args.workers)
+    serve(args.model_repository, args.host, args.port, args.threads)
 
 
 if __name__ == "__main__":
