@@ -296,7 +296,7 @@ def test_tuned_replicas_and_threads_never_exceed_the_cpus(cpus: int) -> None:
     plan = plan_replicas(model_config_pb2.ModelConfig(name="m"), settings)
     assert plan.count >= 1 and plan.intra_threads >= 1 and plan.inter_threads == 1
     assert plan.count * plan.intra_threads <= cpus
-    assert plan.count == min(2, cpus) and plan.intra_threads == cpus // plan.count, "one process budgets every CPU"
+    assert plan.count == 1 and plan.intra_threads == cpus, "one replica gets every CPU of the one process"
     counted = model_config_pb2.ModelConfig(name="m", instance_group=[model_config_pb2.ModelInstanceGroup(count=3)])
     plan = plan_replicas(counted, settings)
     assert plan.count == 3 and plan.intra_threads == max(1, cpus // 3)
