@@ -67,9 +67,10 @@ def test_cache_is_correct_under_concurrent_clients(tmp_path, start_server):
             await asyncio.gather(*(one(i) for i in range(400)))
 
     asyncio.run(main())
+    asyncio.run(main())
     with grpcclient.InferenceServerClient(server.url) as client:
         hits, misses, _ = _stats(client, "cached")
-        assert hits + misses == 400 and hits > 0
+    assert hits + misses == 800 and hits >= 400, "the second burst finds every one of the 37 inputs cached"
 
 
 def test_a_response_finished_by_a_retired_model_is_not_cached(tmp_path, start_server):
