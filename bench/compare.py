@@ -29,8 +29,8 @@ from pathlib import Path
 
 from bench import run
 from bench.ceiling import cpu_session
+from bench.loadgen import overlay_repository
 from bench.models import write_repository
-from hotpath.loadgen import overlay_repository
 
 
 @dataclass

@@ -89,7 +89,7 @@ def canned_response(model: str, model_path: Path, request: pb.ModelInferRequest)
 class CannedServer:
     """The floor as a subprocess in its own process group: listening on enter, stopped on exit.
 
-    Same attributes as `hotpath.loadgen.ServerProcess` (name, target, process, check_alive), so the
+    Same attributes as `bench.server_process.ServerProcess` (name, target, process, check_alive), so the
     bench drives it alike; it is ready once it prints "ready" and the port accepts a connection.
     """
 

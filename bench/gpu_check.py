@@ -11,8 +11,6 @@ faster per batch. Prints one JSON line; exits non-zero when anything is off.
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,24 +20,12 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from bench.models import MODELS, write_repository
+from bench.server_process import ServerProcess
 
 CONFIG = """name: "{name}"
 max_batch_size: 64
 instance_group [{{ count: 1, kind: {kind}{gpus} }}]
 """
-
-
-def _serve(repo: Path) -> tuple[subprocess.Popen, str, list[str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "hotpath.cli", "serve", "--model-repository", str(repo),
-                             "--port", "0", "--metrics-port", "0", "--require-gpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = []
-    for line in proc.stdout:
-        log.append(line)
-        match = re.search(r"hotpath serving .* on (\S+:\d+)", line)
-        if match:
-            return proc, match.group(1), log
-    raise SystemExit("server did not start:\n" + "".join(log))
 
 
 def main() -> int:
@@ -50,11 +36,13 @@ def main() -> int:
         (repo / "medium_gpu" / "1").symlink_to(repo / "medium" / "1")
         (repo / "medium_gpu" / "config.pbtxt").write_text(CONFIG.format(name="medium_gpu", kind="KIND_GPU", gpus=", gpus: [0]"))
         (repo / "medium" / "config.pbtxt").write_text(CONFIG.format(name="medium", kind="KIND_CPU", gpus=""))
-        proc, url, log = _serve(repo)
-        try:
+        command = [sys.executable, "-m", "hotpath.cli", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
+                   "--port", "0", "--metrics-port", "0", "--require-gpu"]
+        # Not require_serving: a GPU model that failed to load is reported below, with the reason.
+        with ServerProcess("hotpath", command, Path(tmp) / "server.log", require_serving=False) as server:
             rows = np.random.default_rng(0).normal(size=(64, spec.widths[0])).astype(np.float32)
             results, timings = {}, {}
-            with grpcclient.InferenceServerClient(url) as client:
+            with grpcclient.InferenceServerClient(server.target) as client:
                 if not client.is_model_ready("medium_gpu"):
                     print(json.dumps({"ok": False, "error": client.get_model_repository_index().models[1].reason}))
                     return 1
@@ -69,9 +57,7 @@ def main() -> int:
                     timings[name] = (time.perf_counter() - start) / 50
                     stats = client.get_inference_statistics(name).model_stats[0]
                     timings[name + "_infer_ms"] = stats.inference_stats.compute_infer.ns / stats.inference_stats.compute_infer.count / 1e6
-        finally:
-            proc.terminate()
-            log.extend(proc.communicate(timeout=30)[0].splitlines(keepends=True))
+        log = server.log_text().splitlines()
     gpu_lines = [line.strip() for line in log if "medium_gpu" in line and "loaded" in line]
     verdict = {
         "gpu_replica_logged": bool(gpu_lines and "GPU" in gpu_lines[0]),

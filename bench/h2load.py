@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import procfs
-from hotpath.loadgen import GRPC_PREFIX_SIZE, MODEL_INFER_PATH, LoadResult, grpc_frame, latency_summary
+from bench.loadgen import GRPC_PREFIX_SIZE, MODEL_INFER_PATH, LoadResult, grpc_frame, latency_summary
 
 INSTALL_HINT = "h2load not found on PATH: install it with `apt-get install -y nghttp2-client`"
 _COUNTS = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "

@@ -1,8 +1,8 @@
 """The bench's view of the load generator: requests for its MLPs, and output verification.
 
-The load generator itself (clients, open and closed loop, streaming, input distributions, server
-processes) is `hotpath.loadgen`, which `hotpath tune` uses too; this module adds what only holds for
-the bench models (one FP32 input `INPUT0`, one output `OUTPUT0`).
+The load generator itself (clients, open and closed loop, streaming, input distributions) is
+`bench.loadgen` and the server launcher `bench.server_process`, which `hotpath tune` uses too; this
+module adds what only holds for the bench models (one FP32 input `INPUT0`, one output `OUTPUT0`).
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.models import INPUT_NAME, OUTPUT_NAME
-from hotpath import loadgen
-from hotpath._proto import grpc_service_pb2 as pb
-from hotpath._proto import grpc_service_pb2_grpc as pb_grpc
-from hotpath.loadgen import (
+from bench import loadgen
+from bench.loadgen import (
     DISTRIBUTIONS,
+    MODEL_INFER_PATH,
     ZIPF_EXPONENT,
     LoadResult,
-    ServerProcess,
     grpc_frame,
     input_order,
     model_statistics,
@@ -30,6 +27,13 @@ from hotpath.loadgen import (
     run_python,
     statistics_delta,
 )
+from bench.models import INPUT_NAME, OUTPUT_NAME
+from bench.server_process import ServerProcess
+from hotpath._proto import grpc_service_pb2 as pb
+from hotpath.config import TensorSpec
+from hotpath.datatypes import DATATYPES
+from hotpath_client._proto import grpc_service_pb2 as client_pb
+from hotpath_client._tensors import infer_request as client_infer_request
 
 __all__ = [
     "DISTRIBUTIONS", "ZIPF_EXPONENT", "LoadResult", "ServerProcess", "grpc_frame", "infer_request", "input_order",
@@ -37,14 +41,14 @@ __all__ = [
 ]
 
 
-def infer_request(model: str, rows: np.ndarray) -> pb.ModelInferRequest:
+def infer_request(model: str, rows: np.ndarray) -> client_pb.ModelInferRequest:
     """Return a ModelInferRequest carrying `rows` (2-D fp32) as the bench models' one input."""
-    return loadgen.infer_request(model, {INPUT_NAME: np.asarray(rows, dtype=np.float32)})
+    return client_infer_request(model, {INPUT_NAME: np.asarray(rows, dtype=np.float32)}, None, "", "")
 
 
 def input_rows(distribution: str, in_features: int, pool_size: int, seed: int, replay: Path | None = None) -> np.ndarray:
     """Return the distinct rows a run draws from, shape (n, in_features)."""
-    spec = loadgen.InputSpec(INPUT_NAME, "FP32", (in_features,))
+    spec = TensorSpec(INPUT_NAME, DATATYPES["FP32"], (in_features,))
     return loadgen.input_pool(distribution, [spec], pool_size, seed, replay)[INPUT_NAME]
 
 
@@ -55,9 +59,10 @@ async def verify(target: str, model: str, rows: np.ndarray, expected: np.ndarray
     corrupted or dropped, not that the server is slow.
     """
     async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        model_infer = channel.unary_unary(MODEL_INFER_PATH, request_serializer=client_pb.ModelInferRequest.SerializeToString,
+                                          response_deserializer=pb.ModelInferResponse.FromString)
         outcomes = await asyncio.gather(
-            *(stub.ModelInfer(infer_request(model, row[None, :]), timeout=30) for row in rows),
+            *(model_infer(infer_request(model, row[None, :]), timeout=30) for row in rows),
             return_exceptions=True,
         )
     errors: Counter = Counter()

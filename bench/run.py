@@ -39,11 +39,12 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import ceiling, floor, h2load, load, procfs, pytriton_server, targets
-from bench.load import ServerProcess
+from bench.loadgen import connections_for
 from bench.models import INPUT_NAME, MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US, MODELS, write_repository
+from bench.server_process import ServerProcess
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import grpc_service_pb2_grpc as pb_grpc
-from hotpath.loadgen import connections_for
+from hotpath_client._proto import grpc_service_pb2 as client_pb
 
 BENCH_DIR = Path(__file__).resolve().parent
 FLOOR_CACHE = BENCH_DIR / "results" / "cache"
@@ -131,7 +132,7 @@ def try_statistics(target: str, model: str) -> pb.ModelStatistics | None:
         raise
 
 
-def h2load_request(model: str, args: argparse.Namespace) -> pb.ModelInferRequest:
+def h2load_request(model: str, args: argparse.Namespace) -> client_pb.ModelInferRequest:
     """The one request h2load replays for `model` (and the floor's canned response answers)."""
     rows = load.input_rows("fixed", MODELS[model].in_features, args.pool_size, args.seed)
     return load.infer_request(model, rows[:1])

@@ -28,7 +28,7 @@ class Pending:
     key: object
     enqueued_ns: int
     deadline_ns: int
-    context: Any
+    span: Any
 
 
 class BatchQueue:
@@ -59,7 +59,7 @@ class BatchQueue:
     def rows(self) -> int:
         return sum(p.rows for p in self.items)
 
-    def push(self, future, inputs: tuple, rows: int, key, now_ns: int, deadline_ns: int = 0, context=None) -> None:
+    def push(self, future, inputs: tuple, rows: int, key, now_ns: int, deadline_ns: int = 0, span=None) -> None:
         if len(self.items) >= self.max_queue_size:
             raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
         if self.timeout_ns:
@@ -68,7 +68,7 @@ class BatchQueue:
                 deadline_ns = min(deadline_ns, policy)
             else:
                 deadline_ns = policy
-        self.items.append(Pending(future, inputs, rows, key, now_ns, deadline_ns, context))
+        self.items.append(Pending(future, inputs, rows, key, now_ns, deadline_ns, span))
 
     def full(self) -> bool:
         return self.max_requests == 1 or self.rows >= self.target
@@ -105,10 +105,6 @@ class BatchQueue:
                 batch.append(rest.pop(0))
         self.items = kept + rest
         return batch
-
-    def drain(self) -> list[Pending]:
-        rest, self.items = self.items, []
-        return rest
 
 
 def deliver(batch: list[Pending], outputs: list[np.ndarray]) -> None:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
+import itertools
+import shutil
 import sys
-import threading
-import time
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,49 +13,36 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bench import server_process  # noqa: E402
 from models import add_sub_model, identity_model, matmul_model  # noqa: E402
 
-_LISTENING = re.compile(r"on 127\.0\.0\.1:(\d+)")
+_LOG_DIR = Path(tempfile.mkdtemp(prefix="hotpath-test-servers-"))
+_numbers = itertools.count(1)
 
 
-class ServerProcess:
-    """A `hotpath serve` subprocess; `url` is its host:port once it listens."""
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_LOG_DIR, ignore_errors=True)
+
+
+class ServerProcess(server_process.ServerProcess):
+    """A started `hotpath serve --port 0` on 127.0.0.1; `url` is its host:port.
+
+    Ready once its health service answers, SERVING or NOT_SERVING: tests that break models want a
+    server that runs without them.
+    """
 
     def __init__(self, repo: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.repo = repo
-        self.log: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hotpath.cli", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
-             "--port", "0", "--metrics-port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
-            start_new_session=True)
-        self.port = self._wait_listening()
-        self.url = f"127.0.0.1:{self.port}"
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _wait_listening(self, timeout: float = 60.0) -> int:
-        deadline = time.monotonic() + timeout
-        for line in self.proc.stdout:
-            self.log.append(line)
-            match = _LISTENING.search(line)
-            if match and "serving" in line:
-                return int(match.group(1))
-            if time.monotonic() > deadline:
-                break
-        self.stop()
-        raise RuntimeError("server did not start:\n" + "".join(self.log))
-
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.log.append(line)
+        command = [sys.executable, "-m", "hotpath.cli", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
+                   "--port", "0", "--metrics-port", "0", *args]
+        super().__init__("hotpath", command, _LOG_DIR / f"server-{next(_numbers)}.log", ready_timeout_s=60, env=env,
+                         require_serving=False)
+        self.start()
+        self.proc = self.process
+        self.url = self.target
 
     def output(self) -> str:
-        return "".join(self.log)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-        return self.proc.wait(timeout=30)
+        return self.log_text()
 
 
 @pytest.fixture(scope="session")

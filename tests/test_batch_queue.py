@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import random
 import select
@@ -174,19 +175,19 @@ class QueueBehaviour:
         q = self.queue(timeout_ns=20 * MS, allow_timeout_override=True)
         self.push(q, now_ns=0, deadline_ns=5 * MS)
         self.push(q, now_ns=0, deadline_ns=100 * MS)
-        assert [p.deadline_ns for p in q.drain()] == [5 * MS, 20 * MS]
+        assert [p.deadline_ns for p in q.pop_batch(0)] == [5 * MS, 20 * MS]
 
     def test_without_override_the_policy_timeout_replaces_the_caller_deadline(self):
         q = self.queue(timeout_ns=20 * MS, allow_timeout_override=False)
         self.push(q, now_ns=0, deadline_ns=5 * MS)
         self.push(q, now_ns=0, deadline_ns=100 * MS)
-        assert [p.deadline_ns for p in q.drain()] == [20 * MS, 20 * MS]
+        assert [p.deadline_ns for p in q.pop_batch(0)] == [20 * MS, 20 * MS]
 
     def test_without_a_policy_timeout_the_caller_deadline_stands(self):
         q = self.queue(timeout_ns=0, allow_timeout_override=False)
         self.push(q, now_ns=0, deadline_ns=5 * MS)
         self.push(q, now_ns=0)
-        assert [p.deadline_ns for p in q.drain()] == [5 * MS, 0]
+        assert [p.deadline_ns for p in q.pop_batch(0)] == [5 * MS, 0]
 
     def test_full_queue_raises_queue_full_at_once(self):
         q = self.queue(max_queue_size=2)
@@ -238,11 +239,12 @@ class QueueBehaviour:
         assert gone.cancelled()
         assert waiting.exception() is error
 
-    def test_drain_returns_everything_in_order_and_empties_the_queue(self):
+    def test_a_pending_keeps_the_span_it_was_pushed_with(self):
         q = self.queue()
-        futures = [self.push(q, rows=2, key=k) for k in "abc"]
-        assert [p.future for p in q.drain()] == futures
-        assert len(q) == 0 and q.rows == 0 and q.ready_in(0) == -1
+        span = object()
+        q.push(self.loop.create_future(), (np.zeros((1, 2), np.float32),), 1, None, 0, span=span)
+        self.push(q)
+        assert [p.span for p in q.pop_batch(0)] == [span, None]
 
 
 class TestNativeQueue(QueueBehaviour):
@@ -328,7 +330,10 @@ def test_native_queue_matches_the_reference(seed: int) -> None:
             outcomes = [(_outcome(futures[0][i]), _outcome(futures[1][i])) for i in unsettled]
             assert all(a == b for a, b in outcomes), f"step {step}: outcomes {outcomes}"
             unsettled = [i for i, (a, _) in zip(unsettled, outcomes) if a == "waiting"]
-        assert [p.rows for p in queues[0].drain()] == [p.rows for p in queues[1].drain()]
+        while len(queues[0]) or len(queues[1]):
+            batches = [queue.pop_batch(now) for queue in queues]
+            assert [(p.rows, p.key, p.deadline_ns) for p in batches[0]] == \
+                   [(p.rows, p.key, p.deadline_ns) for p in batches[1]], "the rest of the queue"
     finally:
         loop.close()
 
@@ -347,6 +352,26 @@ def test_deadline_timer_fires_at_its_deadline_and_clears() -> None:
         assert select.select([timer], [], [], 0.5)[0] == [timer]
         timer.arm(time.monotonic_ns() + 10_000 * MS)
         assert select.select([timer], [], [], 0.05)[0] == [], "re-arming must drop a firing not yet read"
+        timer.clear()  # nothing fired: read() says EAGAIN, which is not an error
     finally:
         timer.close()
     timer.close()
+
+
+def test_deadline_timer_raises_the_real_errno() -> None:
+    timer = _batcher.DeadlineTimer()
+    try:
+        with pytest.raises(OSError) as invalid:
+            timer.arm(-5 * 1_000_000_000)
+        assert invalid.value.errno == errno.EINVAL and invalid.value.strerror == "Invalid argument"
+    finally:
+        timer.close()
+    for call in (lambda: timer.arm(time.monotonic_ns()), timer.clear):
+        with pytest.raises(OSError) as closed:
+            call()
+        assert closed.value.errno == errno.EBADF
+
+
+def test_pending_is_not_constructible_from_python() -> None:
+    with pytest.raises(TypeError, match="not constructible from Python"):
+        _batcher.Pending()

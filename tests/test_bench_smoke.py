@@ -22,6 +22,7 @@ from bench import run as bench_run
 from bench.ceiling import bare_session_rss_bytes, cpu_session
 from bench.models import INPUT_NAME, MODELS, write_repository
 from bench.run import ServerProcess, free_port, main, server_command, start_server
+from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import grpc_service_pb2_grpc as pb_grpc
 from hotpath._proto import model_config_pb2
 
@@ -368,3 +369,23 @@ def test_pytriton_serves_the_bench_models_at_hotpaths_batching(repository: Path,
     assert measured["server_stats"]["fail"] <= measured["cancelled_at_stop_max"] == 128, "Triton counts cancellations"
     assert measured["verification"] == {"checked": 64, "mismatched": 0, "errors": {}}
     assert max(int(size) for size in measured["server_stats"]["batch_size_executions"]) > 1
+
+
+def test_server_process_reads_the_port_file_and_refuses_a_server_that_is_not_serving(
+    repository: Path, tmp_path: Path
+) -> None:
+    command = [sys.executable, "-m", "hotpath.cli", "serve", "--model-repository", str(repository), "--host",
+               "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+    with ServerProcess("hotpath", command, tmp_path / "good.log") as server:
+        assert server.port_file.read_text() == f"{server.port}\n" and server.port > 0
+        with grpc.insecure_channel(server.target) as channel:
+            assert pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+    broken = tmp_path / "broken"
+    (broken / "bad" / "1").mkdir(parents=True)
+    (broken / "bad" / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    command[command.index(str(repository))] = str(broken)
+    with pytest.raises(RuntimeError, match="NOT_SERVING") as failure:
+        ServerProcess("hotpath", command, tmp_path / "broken.log").start()
+    assert "bad" in str(failure.value), "the error carries the server's log"
+    with ServerProcess("hotpath", command, tmp_path / "tolerant.log", require_serving=False) as server:
+        assert server.process.poll() is None

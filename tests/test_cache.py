@@ -144,6 +144,37 @@ def test_all_keys_of_many_distinct_requests_are_distinct():
     assert len(keys) == 2000
 
 
+PINNED_KEYS = [
+    (("m", 1, [("INPUT0", "FP32", [1, 4], bytes(range(16)))], ["OUTPUT0"]),
+     "dfb33daef950b38b4828f23550358937750a1a149c7c07b0566a38e748231006"),
+    (("m", -3, [("A", "UINT8", [4], b"abcd"), ("B", "BYTES", [2, 0], b""), ("C", "INT64", [], np.arange(3, dtype=np.int64))],
+      ["Y", "Z"]), "b3dd03d3011c9abcb9cdc3c451b3e3554a5c21ddb97f67cdf1b58fc2d202511b"),
+    (("", 0, [], []), "2df40f36925158e928d5841e953f6324d5ae57553ae8cb1b5cca47fa71d324f9"),
+    (("m\u00e9", 1, [("\u00fc", "FP32", [1], b"\0" * 4)], ["\u00e9"]),
+     "90bd8662397f17d91066b0893253586d78dc19b11ce5c5c9108d119d66ba121b"),
+]
+"""Keys computed by the first implementation, which hashed one assembled copy of the material: a
+change to how the key is computed must not change a key (it would silently empty every cache)."""
+
+
+@pytest.mark.parametrize("args, digest", PINNED_KEYS, ids=["one input", "several inputs", "empty", "non-ASCII"])
+def test_request_keys_are_stable(args, digest):
+    assert request_key(*args).hex() == digest
+
+
+def test_request_key_hashes_input_bytes_in_place():
+    data = np.random.default_rng(0).standard_normal(1 << 21, dtype=np.float32)  # 8 MiB
+    inputs = [("INPUT0", "FP32", [1, data.size], data)]
+    request_key("m", 1, inputs, ["OUTPUT0"])
+    tracemalloc.start()
+    try:
+        request_key("m", 1, inputs, ["OUTPUT0"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024, f"request_key allocated {peak} bytes for an {data.nbytes}-byte input"
+
+
 def test_request_key_rejects_malformed_requests_clearly():
     with pytest.raises(TypeError, match="input name must be str"):
         request_key("m", 1, [(b"INPUT0", "FP32", [1], b"\0" * 4)], [])

@@ -18,8 +18,10 @@ from google.protobuf import text_format
 
 from drift_models import make_data, make_model, predict, record, save_npz, tensor_specs
 from hotpath._proto import model_config_pb2
+from hotpath.config import TensorSpec
+from hotpath.datatypes import DATATYPES
 from hotpath.drift import DriftError, DriftRecorder
-from hotpath.drift.features import TensorSpec, plan_features
+from hotpath.drift.features import plan_features
 from hotpath.drift.job import merge_windows, read_windows
 from hotpath.drift.recorder import DriftRecorder as Recorder
 from hotpath.drift.reference import build_reference, save_reference
@@ -142,7 +144,7 @@ def test_concurrent_recording_loses_nothing(model_dir: Path) -> None:
 
 def test_missing_inputs_and_rank3_projections(tmp_path: Path) -> None:
     config = drift_config('enable: true projections: ["mean", "max"]')
-    inputs = [TensorSpec("image", "FP32", (2, 3)), TensorSpec("flag", "FP32", ())]
+    inputs = [TensorSpec("image", DATATYPES["FP32"], (2, 3)), TensorSpec("flag", DATATYPES["FP32"], ())]
     recorder = DriftRecorder.create("vision", 1, tmp_path, config, inputs, [])
     image = np.arange(24, dtype=np.float32).reshape(4, 2, 3)
     recorder.record({"image": image}, {})

@@ -121,7 +121,7 @@ def test_caller_traceparent_is_continued_and_steps_are_children(tmp_path, start_
             client.infer("add_sub", _inputs(2), model_version="7", headers=sampled)
 
     spans = collector.wait_for(lambda s: len(_named(s, "inference.GRPCInferenceService/ModelInfer")) == 2
-                               and _named(s, "batch") and _named(s, "response encoding"))
+                               and _named(s, "batch") and _named(s, "hotpath.response.encode"))
     time.sleep(0.3)
     spans = collector.wait_for(lambda s: True)
     assert {s.trace_id.hex() for s in spans if s.name != "batch"} == {TRACE_ID}, "only the sampled caller's requests are traced"
@@ -140,7 +140,7 @@ def test_caller_traceparent_is_continued_and_steps_are_children(tmp_path, start_
     assert failed.status.code != trace_pb2.Status.STATUS_CODE_ERROR, "NOT_FOUND is the caller's error, not the server's"
 
     steps = {s.name: s for s in spans if s.parent_span_id == ok.span_id}
-    assert set(steps) == {"queue wait", "response encoding"}
+    assert set(steps) == {"hotpath.queue.wait", "hotpath.response.encode"}
     for step in steps.values():
         assert ok.start_time_unix_nano <= step.start_time_unix_nano <= step.end_time_unix_nano <= ok.end_time_unix_nano
 
@@ -176,7 +176,7 @@ def test_batch_span_links_every_request_it_served(tmp_path, start_server, receiv
             request = requests[link.span_id]
             assert link.trace_id == request.trace_id
             assert request.start_time_unix_nano <= batch.start_time_unix_nano <= batch.end_time_unix_nano <= request.end_time_unix_nano
-            waits = [s for s in spans if s.name == "queue wait" and s.parent_span_id == request.span_id]
+            waits = [s for s in spans if s.name == "hotpath.queue.wait" and s.parent_span_id == request.span_id]
             assert len(waits) == 1 and waits[0].end_time_unix_nano == batch.start_time_unix_nano
         linked |= {link.span_id for link in batch.links}
     assert linked == set(requests), "every request span is linked from the batch that served it"
@@ -213,10 +213,10 @@ def test_a_sampled_stream_has_one_server_span_parenting_every_request(tmp_path, 
     assert answers == [None, None, None]
 
     spans = collector.wait_for(lambda s: _named(s, "inference.GRPCInferenceService/ModelStreamInfer")
-                               and len(_named(s, "queue wait")) == 3)
+                               and len(_named(s, "hotpath.queue.wait")) == 3)
     (stream,) = _named(spans, "inference.GRPCInferenceService/ModelStreamInfer")
     assert _attributes(stream)["rpc.method"] == "ModelStreamInfer" and _attributes(stream)["rpc.grpc.status_code"] == 0
-    waits = _named(spans, "queue wait")
+    waits = _named(spans, "hotpath.queue.wait")
     assert all(wait.parent_span_id == stream.span_id for wait in waits)
     linked = {link.span_id for batch in _named(spans, "batch") for link in batch.links}
     assert linked == {stream.span_id}

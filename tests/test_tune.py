@@ -7,16 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from google.protobuf import text_format
 
+from bench import loadgen
 from bench.ceiling import cpu_session
 from bench.models import INPUT_NAME, MODELS, write_repository
-from hotpath import loadgen
-from hotpath._proto import grpc_service_pb2_grpc as pb_grpc
+from bench.server_process import ServerProcess
 from hotpath._proto import model_config_pb2
+from hotpath_client import Client
 from hotpath.settings import available_cpus
 from hotpath.tune import Candidate, Trial, Tuner, placements, threads_used
 
@@ -116,10 +116,7 @@ def test_short_tune_writes_a_config_that_a_server_loads(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "hotpath.cli", "serve", "--model-repository", str(served), "--host", "127.0.0.1",
                "--port", "0", "--metrics-port", "0", *flags]
     rows = np.random.default_rng(0).standard_normal((3, MODELS["tiny"].in_features), dtype=np.float32)
-    with loadgen.ServerProcess("tuned", command, tmp_path / "tuned.log") as server:
-        with grpc.insecure_channel(server.target) as channel:
-            response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-                loadgen.infer_request("tiny", {INPUT_NAME: rows}), timeout=10)
-    got = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(3, -1)
+    with ServerProcess("tuned", command, tmp_path / "tuned.log") as server, Client(server.target) as client:
+        (got,) = client.infer("tiny", {INPUT_NAME: rows}, timeout=10).values()
     want = cpu_session(repository / "tiny" / "1" / "model.onnx").run(None, {INPUT_NAME: rows})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

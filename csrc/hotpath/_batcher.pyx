@@ -14,7 +14,10 @@ Everything here runs on the event loop's thread; nothing is locked.
 """
 
 cimport cython
+from libc.errno cimport EAGAIN, errno
+
 from collections import deque
+from os import strerror
 
 from hotpath.errors import DeadlineExceeded, QueueFull
 
@@ -26,7 +29,10 @@ READY_IDLE = "idle"
 @cython.final
 @cython.freelist(256)
 cdef class Pending:
-    """One queued request: its future, its decoded inputs and when it must have started."""
+    """One queued request: its future, its decoded inputs, when it must have started and its trace span.
+
+    Only `BatchQueue.push` makes one (through `Pending.new`); Python code reads its fields.
+    """
 
     cdef readonly object future
     cdef readonly tuple inputs
@@ -34,11 +40,15 @@ cdef class Pending:
     cdef readonly object key
     cdef readonly long long enqueued_ns
     cdef readonly long long deadline_ns
-    cdef readonly object context
+    cdef readonly object span
+
+    def __init__(self):
+        raise TypeError("Pending is not constructible from Python; BatchQueue.push creates it")
 
     @staticmethod
     cdef Pending new(object future, tuple inputs, Py_ssize_t rows, object key,
-                     long long enqueued_ns, long long deadline_ns, object context):
+                     long long enqueued_ns, long long deadline_ns, object span):
+        # __new__ skips __init__, which exists only to refuse construction from Python.
         cdef Pending p = Pending.__new__(Pending)
         p.future = future
         p.inputs = inputs
@@ -46,7 +56,7 @@ cdef class Pending:
         p.key = key
         p.enqueued_ns = enqueued_ns
         p.deadline_ns = deadline_ns
-        p.context = context
+        p.span = span
         return p
 
 
@@ -95,11 +105,12 @@ cdef class BatchQueue:
         return self._rows
 
     def push(self, future, tuple inputs, Py_ssize_t rows, key, long long now_ns,
-             long long deadline_ns=0, context=None):
+             long long deadline_ns=0, span=None):
         """Queue a request, or raise QueueFull at once when the queue holds max_queue_size requests.
 
         `deadline_ns` is the caller's own deadline (0: none). A queue policy timeout, when set,
-        replaces it; where overrides are allowed, an earlier caller deadline still wins.
+        replaces it; where overrides are allowed, an earlier caller deadline still wins. `span` is
+        the request's trace span when it is sampled, else None.
         """
         if len(self._items) >= self.max_queue_size:
             raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
@@ -108,7 +119,7 @@ cdef class BatchQueue:
             deadline_ns = policy_deadline
         elif policy_deadline:
             deadline_ns = min(deadline_ns, policy_deadline)
-        self._items.append(Pending.new(future, inputs, rows, key, now_ns, deadline_ns, context))
+        self._items.append(Pending.new(future, inputs, rows, key, now_ns, deadline_ns, span))
         self._rows += rows
 
     def ready_in(self, long long now_ns, bint busy=False) -> int:
@@ -185,13 +196,6 @@ cdef class BatchQueue:
             items.extendleft(reversed(skipped))
         return batch
 
-    def drain(self):
-        """Remove and return every queued request (used when a model unloads)."""
-        cdef list rest = list(self._items)
-        self._items.clear()
-        self._rows = 0
-        return rest
-
 
 def deliver(list batch, list outputs) -> None:
     """Give each request in `batch` its own rows of `outputs` (a list of arrays), as views."""
@@ -236,6 +240,12 @@ cdef extern from "<unistd.h>":
     int close(int fd)
 
 
+cdef int _raise_errno() except -1:
+    """Raise OSError(errno, strerror) for the C call that just failed (call it before anything else can set errno)."""
+    cdef int code = errno
+    raise OSError(code, strerror(code))
+
+
 @cython.final
 cdef class DeadlineTimer:
     """A timer file descriptor on the monotonic clock, for the event loop to wait on.
@@ -250,7 +260,7 @@ cdef class DeadlineTimer:
     def __cinit__(self):
         self.fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
         if self.fd < 0:
-            raise OSError("timerfd_create failed")
+            _raise_errno()
 
     def fileno(self) -> int:
         return self.fd
@@ -264,12 +274,16 @@ cdef class DeadlineTimer:
         spec.it_value.tv_nsec = deadline_ns % 1000000000
         if spec.it_value.tv_sec == 0 and spec.it_value.tv_nsec == 0:
             spec.it_value.tv_nsec = 1
-        timerfd_settime(self.fd, TFD_TIMER_ABSTIME, &spec, NULL)
+        if timerfd_settime(self.fd, TFD_TIMER_ABSTIME, &spec, NULL) < 0:
+            _raise_errno()
 
     def clear(self) -> None:
         """Consume a firing so the descriptor stops being readable."""
         cdef unsigned long long expirations
-        read(self.fd, &expirations, sizeof(expirations))
+        # EAGAIN: the timer has not fired since the last read (the descriptor is non-blocking);
+        # there is nothing to consume, so that is fine.
+        if read(self.fd, &expirations, sizeof(expirations)) < 0 and errno != EAGAIN:
+            _raise_errno()
 
     def close(self) -> None:
         if self.fd >= 0:

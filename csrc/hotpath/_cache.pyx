@@ -64,7 +64,9 @@ cdef class _Entry:
     cdef PyObject* next
 
 
+# noexcept: pointer moves only, nothing here can raise.
 cdef inline void _unlink(_Entry entry) noexcept:
+    # Unchecked casts of a link: every link points at a live _Entry (the root or a stored entry).
     (<_Entry>entry.prev).next = entry.next
     (<_Entry>entry.next).prev = entry.prev
 
@@ -93,6 +95,7 @@ cdef class ResponseCache:
         self._budget = budget_bytes
         self._shards = {}
         self._root = _Entry.__new__(_Entry)
+        # Borrowed links (see the module docstring): the root is owned by self._root.
         self._root.prev = <PyObject*>self._root
         self._root.next = <PyObject*>self._root
 
@@ -136,7 +139,7 @@ cdef class ResponseCache:
         entry.key = key
         entry.value = value
         entry.size = size
-        entry.shard = <PyObject*>shard
+        entry.shard = <PyObject*>shard  # borrowed: self._shards owns every shard, and never drops one
         shard.entries[key] = entry
         shard.bytes += size
         self._total += size
@@ -175,14 +178,16 @@ cdef class ResponseCache:
             self._shards[model_name] = shard
         return shard
 
+    # noexcept: pointer moves only, nothing here can raise.
     cdef inline void _push_front(self, _Entry entry) noexcept:
+        # Borrowed links: the model's dict owns `entry`; the root's next is a live _Entry.
         entry.prev = <PyObject*>self._root
         entry.next = self._root.next
         (<_Entry>self._root.next).prev = <PyObject*>entry
         self._root.next = <PyObject*>entry
 
     cdef void _remove(self, _Entry entry) except *:
-        cdef _Shard shard = <_Shard>entry.shard
+        cdef _Shard shard = <_Shard>entry.shard  # unchecked: entry.shard is only ever set to a _Shard
         _unlink(entry)
         shard.bytes -= entry.size
         self._total -= entry.size
@@ -190,11 +195,14 @@ cdef class ResponseCache:
         del shard.entries[entry.key]
 
     cdef void _evict_lru(self) except *:
+        # Unchecked casts: only called while the cache holds an entry, so root.prev is a stored
+        # _Entry (not the root), and its shard is a _Shard.
         cdef _Entry lru = <_Entry>self._root.prev
         (<_Shard>lru.shard).evictions += 1
         self._remove(lru)
 
 
+# noexcept on the _put_* writers: a memcpy into space the caller sized, nothing can raise.
 cdef inline char* _put_u32(char* dst, uint32_t value) noexcept:
     memcpy(dst, &value, 4)
     return dst + 4
@@ -206,7 +214,7 @@ cdef inline char* _put_i64(char* dst, int64_t value) noexcept:
 
 
 cdef inline char* _put_text(char* dst, const char* text, Py_ssize_t length) noexcept:
-    dst = _put_u32(dst, <uint32_t>length)
+    dst = _put_u32(dst, <uint32_t>length)  # fits: names and datatypes come from gRPC messages, < 2 GiB
     memcpy(dst, text, length)
     return dst + length
 
@@ -231,24 +239,37 @@ def request_key(str model_name not None, int64_t model_version, inputs, outputs)
     collision-resistant: producing two materials with the same 256-bit digest takes about 2**128
     work, far out of reach on purpose, and the chance that any two of n distinct requests collide
     by accident is below n**2 / 2**257 (under 2**-177 even for 2**40 entries).
+
+    The material is hashed piece by piece and never assembled: the framing (everything but the
+    inputs' bytes) is written into one small buffer, and each input's bytes go to the hash where they
+    lie, between the framing before and after them.
     """
     cdef Py_ssize_t n_inputs = len(inputs)
-    cdef Py_ssize_t i, j, total, length
+    cdef Py_ssize_t slots = max(n_inputs, 1)
+    cdef Py_ssize_t i, j, total, length, start
     cdef const char* text
+    cdef char* base
     cdef char* dst
-    cdef Py_buffer* views = <Py_buffer*>malloc(max(n_inputs, 1) * (sizeof(Py_buffer) + sizeof(Py_ssize_t)))
+    # One block: each input's buffer view, then its rank, then where its framing ends (the offset
+    # in `framing` after which its bytes are hashed). The casts carve that block: Py_buffer's size
+    # is a multiple of 8, so the Py_ssize_t arrays after the views are aligned.
+    cdef Py_buffer* views = <Py_buffer*>malloc(slots * (sizeof(Py_buffer) + 2 * sizeof(Py_ssize_t)))
     if views is NULL:
         raise MemoryError()
-    cdef Py_ssize_t* ndims = <Py_ssize_t*>&views[max(n_inputs, 1)]
+    cdef Py_ssize_t* ndims = <Py_ssize_t*>&views[slots]
+    cdef Py_ssize_t* ends = &ndims[slots]
     cdef Py_ssize_t acquired = 0
     cdef list fields = []
     cdef list output_names = list(outputs)
+    cdef bytes framing
+    hasher = blake2b(digest_size=32)
+    update = hasher.update
     try:
         _utf8(model_name, &length, "model_name")
         total = 4 + length + 8 + 4 + 4
         for i in range(n_inputs):
             name, datatype, shape, data = inputs[i]
-            fields.append((name, datatype, shape))
+            fields.append((name, datatype, shape, data))
             _utf8(name, &length, "input name")
             total += 4 + length
             _utf8(datatype, &length, "input datatype")
@@ -259,35 +280,41 @@ def request_key(str model_name not None, int64_t model_version, inputs, outputs)
             except (TypeError, ValueError, BufferError) as exc:
                 raise TypeError(f"input {name!r}: data must be a C-contiguous bytes-like object ({exc})") from exc
             acquired += 1
-            total += views[i].len
         for name in output_names:
             _utf8(name, &length, "output name")
             total += 4 + length
 
-        material = PyBytes_FromStringAndSize(NULL, total)
-        dst = PyBytes_AS_STRING(material)
+        framing = PyBytes_FromStringAndSize(NULL, total)
+        base = PyBytes_AS_STRING(framing)
         text = _utf8(model_name, &length, "model_name")
-        dst = _put_text(dst, text, length)
+        dst = _put_text(base, text, length)
         dst = _put_i64(dst, model_version)
-        dst = _put_u32(dst, <uint32_t>n_inputs)
+        dst = _put_u32(dst, <uint32_t>n_inputs)  # fits: a request's inputs are counted in a gRPC message
         for i in range(n_inputs):
-            name, datatype, shape = fields[i]
+            name, datatype, shape, _ = fields[i]
             text = _utf8(name, &length, "input name")
             dst = _put_text(dst, text, length)
             text = _utf8(datatype, &length, "input datatype")
             dst = _put_text(dst, text, length)
-            dst = _put_u32(dst, <uint32_t>ndims[i])
+            dst = _put_u32(dst, <uint32_t>ndims[i])  # fits: a rank is a handful of dims
             for j in range(ndims[i]):
                 dst = _put_i64(dst, shape[j])
             dst = _put_i64(dst, views[i].len)
-            memcpy(dst, views[i].buf, views[i].len)
-            dst += views[i].len
-        dst = _put_u32(dst, <uint32_t>len(output_names))
+            ends[i] = dst - base
+        dst = _put_u32(dst, <uint32_t>len(output_names))  # fits, as the input count
         for name in output_names:
             text = _utf8(name, &length, "output name")
             dst = _put_text(dst, text, length)
+
+        frame = memoryview(framing)
+        start = 0
+        for i in range(n_inputs):
+            update(frame[start:ends[i]])
+            update(fields[i][3])  # the buffer viewed above; the hash reads it in place
+            start = ends[i]
+        update(frame[start:])
     finally:
         for i in range(acquired):
             PyBuffer_Release(&views[i])
         free(views)
-    return blake2b(material, digest_size=32).digest()
+    return hasher.digest()

@@ -29,6 +29,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--model-repository", type=Path, help="Triton-layout model repository; omit to serve the built-in demo model")
     serve.add_argument("--host", default=defaults.host, help=f"address to listen on (default {defaults.host}; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=defaults.port, help=f"gRPC port (default {defaults.port})")
+    serve.add_argument("--port-file", type=Path, metavar="PATH",
+                       help="once listening, write the bound port (decimal, newline) to PATH, atomically; "
+                            "with --port 0 this is how a launcher learns the port")
     serve.add_argument("--max-message-size", type=_size, default=DEFAULT_MAX_MESSAGE_BYTES,
                        help="largest request or response message (default 64MiB)")
     serve.add_argument("--cache-size", type=_size, default=defaults.cache_bytes,
@@ -89,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
              f"to {tracing.endpoint or 'the OTEL_* endpoint'} at ratio {tracing.ratio}" if tracing else "off",
              ", threads pinned" if settings.pin_threads else "", ", GPU required" if settings.require_gpu else "")
     try:
-        asyncio.run(serve(settings, repository))
+        asyncio.run(serve(settings, repository, port_file=args.port_file))
     except OSError as exc:
         log.error("%s", exc)
         return 1

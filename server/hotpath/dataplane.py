@@ -64,10 +64,6 @@ class DataPlane:
             codec = self._codecs[id(model)] = ModelCodec(model)
         return codec
 
-    def model(self, name: str, version: str = "") -> Model:
-        """The served model for name and version; raises InvalidArgument or ModelNotFound."""
-        return self.repository.get(name, version)
-
     async def infer(self, request: pb.ModelInferRequest, deadline_ns: int = 0, span: Span | None = None) -> pb.ModelInferResponse:
         """Run one inference request; raises InferenceError with the status to report.
 
@@ -79,27 +75,27 @@ class DataPlane:
             span.set_attributes({"hotpath.model.name": model.name, "hotpath.model.version": model.version})
         codec = self._codec(model)
         try:
-            inputs, rows, key = codec.decode(request)
+            inputs, rows, batch_key = codec.decode(request)
             chosen = codec.requested(request)
             cache_key = None
             if self.cache is not None and codec.cached:
-                lookup = time.monotonic_ns()
+                lookup_start_ns = time.monotonic_ns()
                 cache_key = self._cache_key(codec, request, inputs)
                 body = self.cache.get(model.name, cache_key)
                 if span is not None:
-                    telemetry.record_step(span, "cache lookup", lookup, {"hotpath.cache.hit": body is not None})
+                    telemetry.record_step(span, "hotpath.cache.lookup", lookup_start_ns, {"hotpath.cache.hit": body is not None})
                 if body is not None:
                     response = pb.ModelInferResponse.FromString(body)
                     response.id = request.id
-                    model.stats.add("cache_hit", time.monotonic_ns() - lookup)
+                    model.stats.add("cache_hit", time.monotonic_ns() - lookup_start_ns)
                     model.stats.request_done(True, time.monotonic_ns() - start, rows)
                     return response
-                lookup = time.monotonic_ns() - lookup
-            outputs = await model.infer(inputs, rows, key, deadline_ns, span)
+                lookup_ns = time.monotonic_ns() - lookup_start_ns
+            outputs = await model.infer(inputs, rows, batch_key, deadline_ns, span)
             encoding = time.monotonic_ns()
             response = codec.encode(request.id, outputs, chosen)
             if span is not None:
-                telemetry.record_step(span, "response encoding", encoding)
+                telemetry.record_step(span, "hotpath.response.encode", encoding)
             size = response.ByteSize() + STREAM_ENVELOPE_BYTES
             if size > self._message_limit:
                 raise ResponseTooLarge(f"model '{model.name}': the response would be {size} bytes, over the server's message limit of "
@@ -109,7 +105,7 @@ class DataPlane:
                 response.id = ""
                 self.cache.put(model.name, cache_key, response.SerializeToString())
                 response.id = request.id
-                model.stats.add("cache_miss", lookup + time.monotonic_ns() - insert)
+                model.stats.add("cache_miss", lookup_ns + time.monotonic_ns() - insert)
         except InferenceError as exc:
             model.stats.request_done(False, time.monotonic_ns() - start, 0, exc.code)
             raise

@@ -55,12 +55,6 @@ class DeadlineExceeded(InferenceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class RequestCancelled(InferenceError):
-    """The client went away before the request ran."""
-
-    code = grpc.StatusCode.CANCELLED
-
-
 class ModelExecutionError(InferenceError):
     """The model raised while running a batch."""
 

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from opentelemetry.trace import Span
 
 from hotpath import _batcher, telemetry
 from hotpath._proto import model_config_pb2
 from hotpath.config import BATCH_POLICY_WORK_CONSERVING, TensorSpec, batch_policy, complete_config, parameter, tensor_specs
 from hotpath.drift import DriftError, DriftRecorder
-from hotpath.drift import TensorSpec as DriftTensor
 from hotpath.errors import LoadError, ModelExecutionError, ModelUnavailable
 from hotpath.replicas import Replica, ReplicaPlan, pinned_cores, plan_replicas
 from hotpath.sessions import choose_execution, create_session
@@ -85,13 +85,12 @@ class Model:
         self._dispatch_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self._drained: asyncio.Future[None] | None = None
         self.drift: DriftRecorder | None = None
         if config.drift.enable:
             try:
                 self.drift = DriftRecorder.create(
-                    name, version, path.parent.parent, config.drift,
-                    [DriftTensor(s.name, s.datatype.name, s.dims) for s in self.inputs],
-                    [DriftTensor(s.name, s.datatype.name, s.dims) for s in self.outputs])
+                    name, version, path.parent.parent, config.drift, self.inputs, self.outputs)
             except DriftError as exc:
                 raise LoadError(f"model '{name}' version {version}: {exc}") from None
 
@@ -118,19 +117,18 @@ class Model:
                 replica.cores = pinned_cores(plan, replica.index)
         return cls(name, version, path, config, replicas, plan, store.create(name, version, config.max_batch_size))
 
-    @property
-    def queue_depth(self) -> int:
-        """Requests waiting for a replica."""
-        return len(self._queue)
-
     async def infer(self, inputs: tuple[np.ndarray, ...], rows: int, key: object, deadline_ns: int = 0,
-                    context: object = None) -> list[np.ndarray]:
-        """Queue one request's inputs (in config order) and return its rows of every output."""
+                    span: Span | None = None) -> list[np.ndarray]:
+        """Queue one request's inputs (in config order) and return its rows of every output.
+
+        `key` is the batching key (requests batch together only when theirs are equal); `span` is the
+        request's trace span when it is sampled.
+        """
         if self._closing:
             raise ModelUnavailable(f"model '{self.name}' version {self.version} is unloading")
         loop = self._loop or self._start(asyncio.get_running_loop())
         future = loop.create_future()
-        self._queue.push(future, inputs, rows, key, time.monotonic_ns(), deadline_ns, context)
+        self._queue.push(future, inputs, rows, key, time.monotonic_ns(), deadline_ns, span)
         self.stats.set_load(len(self._queue), self._running)
         if self._idle and not self._dispatch_scheduled:
             # Not at once: the front end pushes a burst in one loop pass, and all of it should join the batch.
@@ -172,12 +170,14 @@ class Model:
             reason = queue.ready_reason(busy)
             batch = queue.pop_batch(now)
             if not batch:
+                # Every request at the head was cancelled or expired; that may have emptied the queue.
+                self._settle()
                 continue
             self.stats.queued([now - pending.enqueued_ns for pending in batch])
             self._running += len(batch)
             self.stats.set_load(len(queue), self._running)
             replica = self._idle[-1] if self.inline else self._idle.pop()
-            traced = [pending for pending in batch if pending.context is not None]
+            traced = [pending for pending in batch if pending.span is not None]
             if traced:
                 replica.span = telemetry.start_batch(self.name, self.version, replica.index, batch, traced,
                                                      reason, now)
@@ -252,12 +252,21 @@ class Model:
         if replica.span is not None:
             telemetry.end_batch(replica.span, failure)
             replica.span = None
+        self._settle()
+
+    def _settle(self) -> None:
+        """While closing, wake `close` once nothing is queued or running (it stays so: no request joins)."""
+        drained = self._drained
+        if drained is not None and not drained.done() and not len(self._queue) and not self._running:
+            drained.set_result(None)
 
     async def close(self) -> None:
         """Stop taking requests, let queued and running ones finish, then release the replicas."""
         self._closing = True
-        while len(self._queue) or len(self._idle) < len(self._replicas):
-            await asyncio.sleep(0.005)
+        if len(self._queue) or self._running:
+            if self._drained is None or self._drained.done():
+                self._drained = self._loop.create_future()
+            await self._drained
         self.stats.set_gauge("replicas", 0)
         if self._timer is not None:
             self._loop.remove_reader(self._timer.fileno())

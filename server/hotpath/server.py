@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import tempfile
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2
@@ -116,8 +117,20 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def serve(settings: Settings, repository_path: Path) -> None:
-    """Run the server until SIGINT or SIGTERM."""
+def write_port_file(path: Path, port: int) -> None:
+    """Write `port` (decimal, newline) to `path` atomically: a reader sees no file or the whole port."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(f"{port}\n")
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+async def serve(settings: Settings, repository_path: Path, port_file: Path | None = None) -> None:
+    """Run the server until SIGINT or SIGTERM; once it listens, write its port to `port_file` if given."""
     stop = _stop_on_signals()
     server = Server(settings, repository_path)
     metrics = None
@@ -128,6 +141,8 @@ async def serve(settings: Settings, repository_path: Path) -> None:
             log.info("Prometheus metrics at http://%s:%d/metrics", settings.host, metrics.port)
         await server.start()
         log.info("hotpath serving models from %s on %s:%d", repository_path, settings.host, server.port)
+        if port_file is not None:
+            write_port_file(port_file, server.port)
         await stop.wait()
         log.info("shutting down")
         await server.stop()

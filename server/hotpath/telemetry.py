@@ -197,8 +197,8 @@ def start_batch(model: str, version: int, replica: int, batch: Sequence[Pending]
     now = _wall_ns(now_monotonic_ns)
     links = []
     for pending in traced:
-        request_span = pending.context
-        wait = _TRACER.start_span("queue wait", context=trace.set_span_in_context(request_span),
+        request_span = pending.span
+        wait = _TRACER.start_span("hotpath.queue.wait", context=trace.set_span_in_context(request_span),
                                   start_time=now - (now_monotonic_ns - pending.enqueued_ns), attributes={"hotpath.replica": replica})
         wait.end(end_time=now)
         links.append(Link(request_span.get_span_context()))

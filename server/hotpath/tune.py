@@ -1,10 +1,10 @@
 """`hotpath tune MODEL`: find the configuration that serves one model fastest on this machine.
 
 The tuner drives the real server, not a model of it: every candidate is a `hotpath serve` subprocess
-on 127.0.0.1 with the candidate's config.pbtxt, measured under closed-loop load from
-`hotpath.loadgen`. A full grid is far too slow, so it searches by coordinate descent from the
-model's own configuration: replicas x intra-op threads first (never more ONNX Runtime threads than
-the CPUs the process may use), then the response cache (only for traffic that repeats), then max
+on 127.0.0.1 with the candidate's config.pbtxt, measured under closed-loop load from the bench's
+load generator (`bench.loadgen`, imported when the command runs, so tuning needs a hotpath checkout).
+A full grid is far too slow, so it searches by coordinate descent from the model's own configuration:
+replicas x intra-op threads first (never more ONNX Runtime threads than the CPUs the process may use), then the response cache (only for traffic that repeats), then max
 batch size, then the batch policy and queue delay, and again while the time budget lasts. A candidate
 replaces the best only when it is clearly faster (`MIN_GAIN`), so noise does not walk the search.
 
@@ -16,6 +16,7 @@ interleaved rounds; if the winner does not beat the start there, the start is wh
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import statistics
@@ -25,18 +26,23 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 from google.protobuf import text_format
 
-from hotpath import loadgen
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import grpc_service_pb2_grpc as pb_grpc
 from hotpath._proto import model_config_pb2
 from hotpath.config import BATCH_POLICY_DELAY, BATCH_POLICY_WORK_CONSERVING, batch_policy, read_config
 from hotpath.errors import LoadError
 from hotpath.settings import available_cpus
+
+if TYPE_CHECKING:
+    from bench import loadgen
+    from bench.server_process import ServerProcess
 
 MIN_GAIN = 0.03
 """A candidate must beat the best so far by this fraction of throughput to replace it."""
@@ -51,6 +57,8 @@ REPEATING_DISTRIBUTIONS = ("zipf", "replay")
 """Traffic that repeats inputs, the only kind a response cache can help."""
 TUNE_DISTRIBUTIONS = ("random", *REPEATING_DISTRIBUTIONS)
 KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
+BENCH_MISSING = ("needs the load generator in a hotpath checkout's bench/ ({error}): install hotpath from a "
+                 "checkout (pip install -e .) or put the checkout's root on PYTHONPATH")
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,17 @@ class Candidate:
         return tuned
 
 
+def import_bench() -> tuple[ModuleType, ModuleType]:
+    """`bench.loadgen` and `bench.server_process`: from the import path, else from the checkout this
+    hotpath is installed from (an editable install); ImportError when neither has them."""
+    root = Path(__file__).resolve().parents[2]
+    if importlib.util.find_spec("bench") is None and (root / "bench" / "loadgen.py").is_file():
+        sys.path.append(str(root))
+    from bench import loadgen, server_process
+
+    return loadgen, server_process
+
+
 def placements(cpus: int) -> list[tuple[int, int, str]]:
     """(replicas, intra-op threads, execution) to try on `cpus` CPUs.
 
@@ -152,6 +171,7 @@ class Tuner:
     """Runs candidates of one model as real servers and keeps the best."""
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.loadgen, self.server_process = import_bench()
         self.args = args
         self.model = args.model
         self.workdir = workdir
@@ -169,24 +189,24 @@ class Tuner:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def server(self, candidate: Candidate, label: str) -> loadgen.ServerProcess:
+    def server(self, candidate: Candidate, label: str) -> ServerProcess:
         """A not yet started server for `candidate`, over a repository holding only the tuned model."""
-        repository = loadgen.overlay_repository(
+        repository = self.loadgen.overlay_repository(
             self.args.model_repository, self.workdir / label, [self.model],
             {self.model: text_format.MessageToString(candidate.apply(self.config))})
         command = [sys.executable, "-m", "hotpath.cli", "serve", "--model-repository", str(repository),
                    "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *candidate.server_flags(self.cpus)]
-        return loadgen.ServerProcess(label, command, self.workdir / f"{label}.log", ready_timeout_s=120)
+        return self.server_process.ServerProcess(label, command, self.workdir / f"{label}.log", ready_timeout_s=120)
 
-    def prepare_load(self, server: loadgen.ServerProcess) -> model_config_pb2.ModelConfig:
+    def prepare_load(self, server: ServerProcess) -> model_config_pb2.ModelConfig:
         """Build the request bodies from the served model's inputs; return the completed config."""
         with grpc.insecure_channel(server.target) as channel:
             served = pb_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
                 pb.ModelConfigRequest(name=self.model), timeout=10).config
-        specs, batched = loadgen.model_inputs(server.target, self.model)
-        pool = loadgen.input_pool(self.args.distribution, specs, self.args.pool_size, self.args.seed, self.args.replay)
-        self.bodies = loadgen.request_bodies(self.model, pool, batched)
-        self.order = loadgen.input_order(self.args.distribution, len(self.bodies), 1 << 20, self.args.seed)
+        specs, batched = self.loadgen.model_inputs(server.target, self.model)
+        pool = self.loadgen.input_pool(self.args.distribution, specs, self.args.pool_size, self.args.seed, self.args.replay)
+        self.bodies = self.loadgen.request_bodies(self.model, pool, batched)
+        self.order = self.loadgen.input_order(self.args.distribution, len(self.bodies), 1 << 20, self.args.seed)
         if self.args.client == "h2load":
             with grpc.insecure_channel(server.target) as channel:
                 probe = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
@@ -194,14 +214,14 @@ class Tuner:
             self.response_size = probe.ByteSize()
         return served
 
-    def drive(self, server: loadgen.ServerProcess, concurrency: int, seconds: float) -> loadgen.LoadResult:
+    def drive(self, server: ServerProcess, concurrency: int, seconds: float) -> loadgen.LoadResult:
         if self.args.client == "h2load":
-            return loadgen.run_h2load(server.target, self.model, self.bodies[0], self.response_size, concurrency,
+            return self.loadgen.run_h2load(server.target, self.model, self.bodies[0], self.response_size, concurrency,
                                       seconds, server.process.pid)
-        return loadgen.run_python(server.target, self.model, self.bodies, self.order, self.args.distribution,
+        return self.loadgen.run_python(server.target, self.model, self.bodies, self.order, self.args.distribution,
                                   concurrency, seconds, server.process.pid, seed=self.args.seed)
 
-    def measure(self, server: loadgen.ServerProcess, concurrency: int) -> loadgen.LoadResult:
+    def measure(self, server: ServerProcess, concurrency: int) -> loadgen.LoadResult:
         if self.args.warmup > 0:
             self.drive(server, concurrency, self.args.warmup)
         return self.drive(server, concurrency, self.args.duration)
@@ -444,6 +464,11 @@ def tune(args: argparse.Namespace) -> dict:
 
 def tune_command(args: argparse.Namespace) -> int:
     """`hotpath tune`: 0 when a config was written, 2 for a usage or load error."""
+    try:
+        import_bench()
+    except ImportError as error:
+        print(f"hotpath tune: {BENCH_MISSING.format(error=error)}", file=sys.stderr)
+        return 2
     problem = check_arguments(args)
     if problem:
         print(f"hotpath tune: {problem}", file=sys.stderr)

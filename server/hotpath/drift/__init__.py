@@ -1,6 +1,6 @@
 """Drift monitoring: the in-server recorder, the reference builder and the offline drift job."""
 
-from hotpath.drift.features import DriftError, TensorSpec
+from hotpath.drift.features import DriftError
 from hotpath.drift.recorder import DriftRecorder
 
-__all__ = ["DriftError", "DriftRecorder", "TensorSpec"]
+__all__ = ["DriftError", "DriftRecorder"]

@@ -12,11 +12,12 @@ line up by name.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from hotpath._proto import model_config_pb2
+from hotpath.config import TensorSpec
 
 PROJECTIONS = {
     "mean": lambda x: x.mean(axis=1),
@@ -31,23 +32,6 @@ INTEGER_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
 
 class DriftError(Exception):
     """A problem the user can fix (bad data, config or files); the message says what and where."""
-
-
-class TensorLike(Protocol):
-    """What the recorder needs to know about a model input or output."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A model input or output: V2 datatype name and per-row shape (batch dim excluded, -1 variable)."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -81,7 +65,7 @@ class TensorFeatures:
         return np.asarray(values, dtype=np.float64)
 
 
-def plan_features(inputs: Sequence[TensorLike], outputs: Sequence[TensorLike],
+def plan_features(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
                   config: model_config_pb2.ModelDriftConfig, model_name: str) -> list[TensorFeatures]:
     """The features recorded for a model, from its tensors and its `drift` config section."""
     names = {t.name for t in inputs} | {t.name for t in outputs}
@@ -96,9 +80,10 @@ def plan_features(inputs: Sequence[TensorLike], outputs: Sequence[TensorLike],
     plans = []
     tensors = [("input", t) for t in inputs] + ([] if config.skip_outputs else [("output", t) for t in outputs])
     for role, tensor in tensors:
-        categorical = (tensor.datatype in ALWAYS_CATEGORICAL or tensor.name in config.categorical_inputs
-                       or (role == "output" and tensor.datatype in INTEGER_TYPES))
-        shape = tuple(tensor.shape)
+        datatype = tensor.datatype.name
+        categorical = (datatype in ALWAYS_CATEGORICAL or tensor.name in config.categorical_inputs
+                       or (role == "output" and datatype in INTEGER_TYPES))
+        shape = tensor.dims
         if shape == ():
             plans.append(TensorFeatures(tensor.name, role, categorical, "columns", (tensor.name,)))
         elif len(shape) == 1 and shape[0] > 0:

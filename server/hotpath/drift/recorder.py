@@ -22,8 +22,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from hotpath._proto import model_config_pb2
+from hotpath.config import TensorSpec
+from hotpath.drift.features import TensorFeatures, plan_features
 from hotpath.drift.files import utc_iso, write_json_atomically
-from hotpath.drift.features import TensorFeatures, TensorLike, plan_features
 from hotpath.drift.reference import Reference, load_reference, reference_path
 from hotpath.drift.stats import WindowStats
 
@@ -79,7 +80,7 @@ class DriftRecorder:
 
     @classmethod
     def create(cls, model_name: str, version: int, model_dir: Path, config: model_config_pb2.ModelDriftConfig,
-               inputs: Sequence[TensorLike], outputs: Sequence[TensorLike]) -> DriftRecorder:
+               inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> DriftRecorder:
         """A recorder for one loaded model version, configured by the model's `drift` config section.
 
         Loads `<model_dir>/drift/reference.json` when it exists; without it, windows still hold

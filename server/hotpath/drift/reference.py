@@ -21,9 +21,8 @@ import numpy as np
 import onnxruntime as ort
 
 from hotpath._proto import model_config_pb2
-from hotpath.config import DEFAULT_MODEL_FILE, complete_config, read_config, tensor_specs
-from hotpath.datatypes import DATATYPES
-from hotpath.drift.features import DriftError, TensorFeatures, TensorSpec, plan_features
+from hotpath.config import DEFAULT_MODEL_FILE, TensorSpec, complete_config, read_config, tensor_specs
+from hotpath.drift.features import DriftError, TensorFeatures, plan_features
 from hotpath.drift.files import utc_iso, write_json_atomically
 from hotpath.drift.stats import MAX_BINS, WindowStats, category_label, text_keys
 from hotpath.errors import LoadError
@@ -70,14 +69,14 @@ def load_reference(path: Path) -> Reference:
 
 
 def _as_tensor(values: np.ndarray, spec: TensorSpec, source: str) -> np.ndarray:
-    if spec.datatype == "BYTES":
+    if spec.datatype.name == "BYTES":
         text = np.empty(values.size, dtype=object)
         text[:] = [v.decode() if isinstance(v, bytes) else str(v) for v in values.ravel()]
         return text.reshape(values.shape)
     try:
-        return np.asarray(values, dtype=DATATYPES[spec.datatype].dtype)
+        return np.asarray(values, dtype=spec.datatype.dtype)
     except ValueError as exc:
-        raise DriftError(f"{source}: values for input '{spec.name}' are not {spec.datatype}: {exc}") from None
+        raise DriftError(f"{source}: values for input '{spec.name}' are not {spec.datatype.name}: {exc}") from None
 
 
 def _read_csv(path: Path, inputs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
@@ -98,9 +97,9 @@ def _read_csv(path: Path, inputs: Sequence[TensorSpec]) -> dict[str, np.ndarray]
     result = {}
     for spec in inputs:
         column = columns[spec.name]
-        if spec.datatype != "BYTES":
+        if spec.datatype.name != "BYTES":
             column = np.where(column == "", "nan", column)
-            if spec.datatype not in ("FP16", "FP32", "FP64"):
+            if spec.datatype.dtype.kind != "f":
                 column = column.astype(np.float64)
         result[spec.name] = _as_tensor(column, spec, str(path))
     return result
@@ -137,8 +136,8 @@ def load_data(path: Path, inputs: Sequence[TensorSpec]) -> dict[str, np.ndarray]
     if len(set(lengths.values())) != 1:
         raise DriftError(f"{path}: inputs have different numbers of rows: {lengths}")
     for spec in inputs:
-        if all(d > 0 for d in spec.shape):
-            data[spec.name] = data[spec.name].reshape(-1, *spec.shape)
+        if all(d > 0 for d in spec.dims):
+            data[spec.name] = data[spec.name].reshape(-1, *spec.dims)
     return data
 
 
@@ -212,8 +211,7 @@ def build_reference(model_repository: Path, model: str, data: Path, version: int
         raise DriftError(exc.message) from None
     if config.max_batch_size == 0:
         raise DriftError(f"model '{model}' has no batch dimension (max_batch_size 0); drift recording needs one")
-    specs = {kind: [TensorSpec(s.name, s.datatype.name, s.dims) for s in tensor_specs(entries)]
-             for kind, entries in (("input", config.input), ("output", config.output))}
+    specs = {"input": tensor_specs(config.input), "output": tensor_specs(config.output)}
     drift_config = model_config_pb2.ModelDriftConfig()
     drift_config.CopyFrom(config.drift)
     if not predictions:

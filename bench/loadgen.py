@@ -1,5 +1,9 @@
 """The load generator behind `bench/` and `hotpath tune`: drives a running server, measures what it did.
 
+It lives with the bench, not in the server package: `hotpath tune` imports it when run, from a checkout.
+Requests are built by the client package's builder (`hotpath_client`), datatypes come from
+`hotpath.datatypes`, and servers are launched by `bench.server_process`.
+
 Two clients. `h2load` (Debian's nghttp2-client) is compiled and replays one gRPC-framed
 ModelInferRequest as an HTTP/2 POST, so it is not the bottleneck at peak rates; it cannot read gRPC
 status (that travels in trailers), so failures come from the response bytes received and from the
@@ -19,13 +23,12 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -33,7 +36,9 @@ import numpy as np
 
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import grpc_service_pb2_grpc as pb_grpc
-from hotpath._proto import model_config_pb2
+from hotpath.config import TensorSpec, tensor_specs
+from hotpath.datatypes import DATATYPES
+from hotpath_client._tensors import infer_request
 
 MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_STREAM_INFER_PATH = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -42,6 +47,8 @@ ZIPF_EXPONENT = 1.1
 MAX_CONNECTIONS = 8
 GRPC_PREFIX_SIZE = 5
 REQUEST_TIMEOUT_S = 30.0
+NUMERIC_DATATYPES = tuple(name for name, datatype in DATATYPES.items() if datatype.itemsize)
+"""The datatypes the load generator can make inputs of (every one but BYTES)."""
 STREAM_ERROR = "STREAM_ERROR"
 """Errors key for a stream response that carried `error_message` (streams have no per-request status)."""
 CLIENT_BACKLOG = "CLIENT_BACKLOG"
@@ -50,10 +57,6 @@ _REQUEST_ID_TAG = b"\x1a"
 """ModelInferRequest.id is field 3, length-delimited: appended to a serialized request, it sets the id."""
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _H2LOAD_INSTALL_HINT = "h2load not found on PATH: install it with `apt-get install -y nghttp2-client`"
-_SERVING_LINE = re.compile(r"hotpath serving .* on (\S+):(\d+)$", re.MULTILINE)
-_NUMPY_TYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-                "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
-                "FP32": np.float32, "FP64": np.float64}
 
 
 @dataclass
@@ -83,16 +86,7 @@ class LoadResult:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """One model input as a load generator needs it: name, V2 datatype, and dims without the batch dim."""
-
-    name: str
-    datatype: str
-    dims: tuple[int, ...]
-
-
-def model_inputs(target: str, model: str) -> tuple[list[InputSpec], bool]:
+def model_inputs(target: str, model: str) -> tuple[list[TensorSpec], bool]:
     """Read `model`'s inputs from a running server's ModelConfig; returns them and whether it batches.
 
     Variable dims (-1) become 1. Only numeric inputs can be generated; BYTES inputs raise ValueError.
@@ -101,16 +95,15 @@ def model_inputs(target: str, model: str) -> tuple[list[InputSpec], bool]:
         config = pb_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
             pb.ModelConfigRequest(name=model), timeout=10).config
     specs = []
-    for entry in config.input:
-        datatype = model_config_pb2.DataType.Name(entry.data_type).removeprefix("TYPE_")
-        if datatype not in _NUMPY_TYPES:
-            raise ValueError(f"model '{model}' input '{entry.name}' is {datatype}: the load generator only makes "
-                             f"numeric inputs ({', '.join(_NUMPY_TYPES)})")
-        specs.append(InputSpec(entry.name, datatype, tuple(max(1, dim) for dim in entry.dims)))
+    for spec in tensor_specs(config.input):
+        if spec.datatype.itemsize == 0:
+            raise ValueError(f"model '{model}' input '{spec.name}' is {spec.datatype.name}: the load generator only "
+                             f"makes numeric inputs ({', '.join(NUMERIC_DATATYPES)})")
+        specs.append(replace(spec, dims=tuple(max(1, dim) for dim in spec.dims)))
     return specs, config.max_batch_size > 0
 
 
-def input_pool(distribution: str, specs: Sequence[InputSpec], pool_size: int, seed: int,
+def input_pool(distribution: str, specs: Sequence[TensorSpec], pool_size: int, seed: int,
                replay: Path | None = None) -> dict[str, np.ndarray]:
     """Return the distinct inputs a run draws from: per input name, an array of shape (n, *dims).
 
@@ -123,7 +116,7 @@ def input_pool(distribution: str, specs: Sequence[InputSpec], pool_size: int, se
         if len(specs) != 1:
             raise ValueError(f"--replay feeds one input, but the model has {len(specs)}: {[s.name for s in specs]}")
         (spec,) = specs
-        rows = np.load(replay).astype(_NUMPY_TYPES[spec.datatype], copy=False)
+        rows = np.load(replay).astype(spec.datatype.dtype, copy=False)
         if rows.shape[1:] != spec.dims:
             raise ValueError(f"{replay} holds shape {rows.shape}; expected (n, {', '.join(map(str, spec.dims))})")
         return {spec.name: rows}
@@ -133,7 +126,7 @@ def input_pool(distribution: str, specs: Sequence[InputSpec], pool_size: int, se
     rng = np.random.default_rng(seed)
     pool = {}
     for spec in specs:
-        dtype = np.dtype(_NUMPY_TYPES[spec.datatype])
+        dtype = spec.datatype.dtype
         if dtype.kind == "f":
             pool[spec.name] = rng.standard_normal((count, *spec.dims)).astype(dtype)
         elif dtype.kind == "b":
@@ -151,23 +144,12 @@ def input_order(distribution: str, pool_len: int, length: int, seed: int) -> np.
     return np.arange(pool_len)
 
 
-def infer_request(model: str, inputs: Mapping[str, np.ndarray]) -> pb.ModelInferRequest:
-    """Return a ModelInferRequest carrying each array (shape included) as raw_input_contents."""
-    request = pb.ModelInferRequest(model_name=model)
-    for name, array in inputs.items():
-        array = np.ascontiguousarray(array)
-        datatype = next(key for key, value in _NUMPY_TYPES.items() if np.dtype(value) == array.dtype)
-        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
-        request.raw_input_contents.append(array.tobytes())
-    return request
-
-
 def request_bodies(model: str, pool: Mapping[str, np.ndarray], batched: bool = True) -> list[bytes]:
     """Serialize one request per pool entry: one row each (a batch of 1 when the model batches)."""
     count = len(next(iter(pool.values())))
     return [
-        infer_request(model, {name: rows[i : i + 1] if batched else rows[i] for name, rows in pool.items()})
-        .SerializeToString()
+        infer_request(model, {name: rows[i : i + 1] if batched else rows[i] for name, rows in pool.items()},
+                      None, "", "").SerializeToString()
         for i in range(count)
     ]
 
@@ -214,73 +196,6 @@ class ProcessTreeCPU:
             tree.add(pid)
             frontier += [child for child, (ppid, _) in stats.items() if ppid == pid and child not in tree]
         return sum(stats[pid][1] for pid in tree if pid in stats) / _CLOCK_TICKS
-
-
-class ServerProcess:
-    """A server subprocess in its own process group, ready (ServerReady) on enter, stopped on exit.
-
-    With `port` the server listens there; without it the command must be `hotpath serve --port 0`,
-    and the port is read from the "hotpath serving ... on HOST:PORT" log line.
-    """
-
-    def __init__(self, name: str, command: list[str], log_path: Path, port: int | None = None,
-                 ready_timeout_s: float = 180.0, cwd: Path | None = None) -> None:
-        self.name, self.command, self.log_path, self.cwd = name, command, log_path, cwd
-        self.ready_timeout_s = ready_timeout_s
-        self.target = f"127.0.0.1:{port}" if port else ""
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self) -> ServerProcess:
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.cwd)
-        try:
-            self._wait_ready(time.monotonic() + self.ready_timeout_s)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-    def _wait_ready(self, deadline: float) -> None:
-        while not self.target:
-            self.check_alive("before it listened")
-            match = _SERVING_LINE.search(self.log_path.read_text(errors="replace"))
-            if match:
-                self.target = f"{match.group(1)}:{match.group(2)}"
-            elif time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} server did not listen within {self.ready_timeout_s:.0f}s; "
-                                   f"its log ends:\n{self.log_tail()}")
-            else:
-                time.sleep(0.05)
-        with grpc.insecure_channel(self.target) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while time.monotonic() < deadline:
-                self.check_alive("before it was ready")
-                try:
-                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise RuntimeError(f"{self.name} server not ready after {self.ready_timeout_s:.0f}s; log:\n{self.log_tail()}")
-
-    def check_alive(self, when: str) -> None:
-        """Raise, with the end of the server's log, if the server has exited."""
-        if self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} server exited with {self.process.returncode} {when}; "
-                               f"its log ({self.log_path}) ends:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def model_statistics(target: str, model: str) -> pb.ModelStatistics:
