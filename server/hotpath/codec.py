@@ -12,9 +12,9 @@ import numpy as np
 
 from hotpath._codec import BytesFormatError, join_bytes, split_bytes
 from hotpath._proto import grpc_service_pb2 as pb
+from hotpath._proto import model_config_pb2
 from hotpath.config import TensorSpec
 from hotpath.errors import InvalidArgument
-from hotpath.model import Model
 
 
 def _text_array(name: str, items: list, shape: tuple[int, ...]) -> np.ndarray:
@@ -32,20 +32,23 @@ def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
 
 
 class ModelCodec:
-    """Turns ModelInfer requests into the model's input arrays and its outputs into responses."""
+    """Turns ModelInfer requests into one model version's input arrays and its outputs into responses.
 
-    def __init__(self, model: Model) -> None:
-        self.model = model
-        self.name = model.name
-        self.version = str(model.version)
-        self.batched = model.batched
-        self.max_batch_size = model.config.max_batch_size
-        self.inputs = {spec.name: (i, spec) for i, spec in enumerate(model.inputs)}
-        self.outputs = {spec.name: (i, spec) for i, spec in enumerate(model.outputs)}
+    Each `Model` owns one, built from its completed config and specs.
+    """
+
+    def __init__(self, name: str, version: int, config: model_config_pb2.ModelConfig,
+                 inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> None:
+        self.name = name
+        self.version = str(version)
+        self.batched = config.max_batch_size > 0
+        self.max_batch_size = config.max_batch_size
+        self.inputs = {spec.name: (i, spec) for i, spec in enumerate(inputs)}
+        self.outputs = {spec.name: (i, spec) for i, spec in enumerate(outputs)}
         self.all_outputs = tuple(self.outputs.values())
-        self.optional = {e.name for e in model.config.input if e.optional}
-        self.variable_dims = any(-1 in spec.dims for spec in model.inputs)
-        self.cached = model.config.response_cache.enable
+        self.optional = {e.name for e in config.input if e.optional}
+        self.variable_dims = any(-1 in spec.dims for spec in inputs)
+        self.cached = config.response_cache.enable
 
     def _where(self, name: str) -> str:
         return f"model '{self.name}' input '{name}'"

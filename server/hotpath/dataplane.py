@@ -15,7 +15,6 @@ from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._codec import join_bytes
 from hotpath._proto import model_config_pb2
 from hotpath.cache import ResponseCache, request_key
-from hotpath.codec import ModelCodec
 from hotpath.errors import InferenceError, InvalidArgument, ResponseTooLarge
 from hotpath.model import Model
 from hotpath.repository import ModelRepository, check_model_name
@@ -34,18 +33,15 @@ class DataPlane:
     def __init__(self, repository: ModelRepository, cache: ResponseCache | None = None) -> None:
         self.repository = repository
         self.cache = cache
-        self._codecs: dict[int, ModelCodec] = {}
         self._message_limit = repository.settings.max_message_bytes
         repository.on_change.append(self._on_model_change)
 
     def _on_model_change(self, name: str, ready: bool) -> None:
-        live = {id(m) for m in self.repository.served()}
-        self._codecs = {key: codec for key, codec in self._codecs.items() if key in live}
         if self.cache is not None:
             self.cache.drop_model(name)
 
     @staticmethod
-    def _cache_key(codec: ModelCodec, request: pb.ModelInferRequest, inputs: tuple) -> bytes:
+    def _cache_key(model: Model, request: pb.ModelInferRequest, inputs: tuple) -> bytes:
         """The exact key of a request: model, version, every input's name, datatype, shape and bytes, outputs.
 
         The bytes come from the decoded arrays (views of the raw contents, or the typed contents
@@ -53,16 +49,10 @@ class DataPlane:
         """
         parts = []
         for tensor in request.inputs:
-            array = inputs[codec.inputs[tensor.name][0]]
+            array = inputs[model.codec.inputs[tensor.name][0]]
             parts.append((tensor.name, tensor.datatype, tensor.shape,
                           join_bytes(array.ravel()) if array.dtype == object else array))
-        return request_key(codec.name, codec.model.version, parts, sorted(o.name for o in request.outputs))
-
-    def _codec(self, model: Model) -> ModelCodec:
-        codec = self._codecs.get(id(model))
-        if codec is None or codec.model is not model:
-            codec = self._codecs[id(model)] = ModelCodec(model)
-        return codec
+        return request_key(model.name, model.version, parts, sorted(o.name for o in request.outputs))
 
     async def infer(self, request: pb.ModelInferRequest, deadline_ns: int = 0, span: Span | None = None) -> pb.ModelInferResponse:
         """Run one inference request; raises InferenceError with the status to report.
@@ -73,14 +63,14 @@ class DataPlane:
         model = self.repository.get(request.model_name, request.model_version)
         if span is not None:
             span.set_attributes({"hotpath.model.name": model.name, "hotpath.model.version": model.version})
-        codec = self._codec(model)
+        codec = model.codec
         try:
             inputs, rows, batch_key = codec.decode(request)
             chosen = codec.requested(request)
             cache_key = None
             if self.cache is not None and codec.cached:
                 lookup_start_ns = time.monotonic_ns()
-                cache_key = self._cache_key(codec, request, inputs)
+                cache_key = self._cache_key(model, request, inputs)
                 body = self.cache.get(model.name, cache_key)
                 if span is not None:
                     telemetry.record_step(span, "hotpath.cache.lookup", lookup_start_ns, {"hotpath.cache.hit": body is not None})

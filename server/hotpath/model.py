@@ -24,6 +24,7 @@ from opentelemetry.trace import Span
 
 from hotpath import _batcher, telemetry
 from hotpath._proto import model_config_pb2
+from hotpath.codec import ModelCodec
 from hotpath.config import BATCH_POLICY_WORK_CONSERVING, TensorSpec, batch_policy, complete_config, parameter, tensor_specs
 from hotpath.drift import DriftError, DriftRecorder
 from hotpath.errors import LoadError, ModelExecutionError, ModelUnavailable
@@ -71,6 +72,7 @@ class Model:
         self.inputs: tuple[TensorSpec, ...] = tensor_specs(config.input)
         self.outputs: tuple[TensorSpec, ...] = tensor_specs(config.output)
         self.batched = config.max_batch_size > 0
+        self.codec = ModelCodec(name, version, config, self.inputs, self.outputs)
         self.stats = stats
         stats.set_gauge("replicas", len(replicas))
         self._input_names = [spec.name for spec in self.inputs]
