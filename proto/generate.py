@@ -8,6 +8,11 @@ either committed copy is stale.
 Each copy registers its files in its own descriptor pool rather than protobuf's default one:
 Triton's client registers the same `inference` package in the default pool, and a process must be
 able to import both (tests, and users who mix clients).
+
+Run it with GENERATOR installed (in a venv of its own: it needs protobuf 6): its protoc writes
+gencode 6.31.1, which protobuf's cross-version guarantee lets every runtime from 6.31.1 through 7.x
+load, so hotpath installs beside Triton's current client (protobuf<7) and beside protobuf 7 alike.
+A newer grpcio-tools writes gencode that protobuf 6 refuses at import.
 """
 
 from __future__ import annotations
@@ -19,12 +24,23 @@ import sys
 import tempfile
 from pathlib import Path
 
+GENERATOR = "grpcio-tools==1.76.0"
+GENCODE_MAJOR = 6
 PROTO_DIR = Path(__file__).resolve().parent
 PROTO_FILES = ("model_config.proto", "grpc_service.proto")
 TARGETS = (
     PROTO_DIR.parent / "server" / "hotpath" / "_proto",
     PROTO_DIR.parent / "clients" / "python" / "hotpath_client" / "_proto",
 )
+
+PACKAGE_INIT = '''"""Stubs generated from proto/ by proto/generate.py; do not edit."""
+
+import warnings
+
+# The stubs are protobuf 6 gencode, which protobuf 7 loads by its cross-version guarantee but warns
+# about once per file; the package's requirement (protobuf<8) keeps every runtime it allows in range.
+warnings.filterwarnings("ignore", message=r"Protobuf gencode version 6\\.", category=UserWarning)
+'''
 
 POOL_MODULE = '''"""hotpath's own descriptor pool: the generated stubs register their files here."""
 
@@ -40,6 +56,15 @@ def _rewrite(text: str) -> str:
         text = text.replace("_descriptor_pool.Default()", "_pool.POOL")
         text = text.replace("# @@protoc_insertion_point(imports)", "from . import _pool\n# @@protoc_insertion_point(imports)", 1)
     return text
+
+
+def check_generator() -> None:
+    """Exit with what to install unless the protobuf beside grpc_tools writes the gencode hotpath ships."""
+    from google.protobuf import __version__ as protobuf_version
+
+    if int(protobuf_version.split(".")[0]) != GENCODE_MAJOR:
+        raise SystemExit(f"proto/generate.py writes protobuf {GENCODE_MAJOR} gencode, but this environment has protobuf "
+                         f"{protobuf_version}: run it from a venv with `pip install '{GENERATOR}'`")
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -58,7 +83,7 @@ def generate(out_dir: Path) -> list[Path]:
             target = out_dir / path.name
             target.write_text(_rewrite(path.read_text()))
             written.append(target)
-    for name, text in (("_pool.py", POOL_MODULE), ("__init__.py", '"""Stubs generated from proto/ by proto/generate.py; do not edit."""\n')):
+    for name, text in (("_pool.py", POOL_MODULE), ("__init__.py", PACKAGE_INIT)):
         (out_dir / name).write_text(text)
         written.append(out_dir / name)
     return written
@@ -69,6 +94,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, action="append",
                         help="folder to write the stubs into (repeatable; default: the server's and the client's copies)")
     args = parser.parse_args()
+    check_generator()
     for out_dir in args.out or TARGETS:
         for path in generate(out_dir):
             print(path)
