@@ -1,4 +1,4 @@
-"""Build hotpath's native extensions: every `csrc/hotpath/<name>.pyx` becomes `hotpath.<name>`.
+"""Build hotpath's native extensions: every `csrc/hotpath/<package>/<name>.pyx` becomes `hotpath.<package>.<name>`.
 
 `_frontend` is C++ over Debian's (or any distribution's) gRPC C++ library, found with pkg-config.
 Set HOTPATH_DEBUG=1 to build with line tracing, annotated HTML and the debug checks on.
@@ -15,7 +15,7 @@ from setuptools import Extension, setup
 
 DEBUG = os.environ.get("HOTPATH_DEBUG") == "1"
 
-NATIVE_SOURCES = {"_frontend": ["csrc/hotpath/frontend_core.cc"]}
+NATIVE_SOURCES = {"hotpath.transport._frontend": ["csrc/hotpath/transport/frontend_core.cc"]}
 """C++ sources compiled into an extension beside its .pyx; these link gRPC C++."""
 
 
@@ -31,11 +31,12 @@ def grpc_flags() -> tuple[list[str], list[str]]:
 
 
 def extension(pyx: Path) -> Extension:
+    name = ".".join(pyx.relative_to("csrc").with_suffix("").parts)
     optimise = ["-O0", "-g"] if DEBUG else ["-O3"]
-    sources = NATIVE_SOURCES.get(pyx.stem, [])
+    sources = NATIVE_SOURCES.get(name, [])
     cflags, libs = grpc_flags() if sources else ([], [])
     return Extension(
-        f"hotpath.{pyx.stem}",
+        name,
         [str(pyx), *sources],
         include_dirs=["csrc", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
@@ -46,7 +47,7 @@ def extension(pyx: Path) -> Extension:
     )
 
 
-extensions = [extension(pyx) for pyx in sorted(Path("csrc/hotpath").glob("*.pyx"))]
+extensions = [extension(pyx) for pyx in sorted(Path("csrc/hotpath").glob("*/*.pyx"))]
 
 setup(
     ext_modules=cythonize(

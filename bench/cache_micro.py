@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hotpath.cache import ResponseCache, request_key
+from hotpath.serving.cache import ResponseCache, request_key
 
 MODEL = "large"
 OUTPUTS = ["OUTPUT0"]

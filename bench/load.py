@@ -30,8 +30,8 @@ from bench.loadgen import (
 from bench.models import INPUT_NAME, OUTPUT_NAME
 from bench.server_process import ServerProcess
 from hotpath._proto import grpc_service_pb2 as pb
-from hotpath.config import TensorSpec
-from hotpath.datatypes import DATATYPES
+from hotpath.serving.config import TensorSpec
+from hotpath.serving.datatypes import DATATYPES
 from hotpath_client._proto import grpc_service_pb2 as client_pb
 from hotpath_client._tensors import infer_request as client_infer_request
 

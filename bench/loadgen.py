@@ -2,7 +2,7 @@
 
 It lives with the bench, not in the server package: `hotpath tune` imports it when run, from a checkout.
 Requests are built by the client package's builder (`hotpath_client`), datatypes come from
-`hotpath.datatypes`, and servers are launched by `bench.server_process`.
+`hotpath.serving.datatypes`, and servers are launched by `bench.server_process`.
 
 Two clients. `h2load` (Debian's nghttp2-client) is compiled and replays one gRPC-framed
 ModelInferRequest as an HTTP/2 POST, so it is not the bottleneck at peak rates; it cannot read gRPC
@@ -36,8 +36,8 @@ import numpy as np
 
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import grpc_service_pb2_grpc as pb_grpc
-from hotpath.config import TensorSpec, tensor_specs
-from hotpath.datatypes import DATATYPES
+from hotpath.serving.config import TensorSpec, tensor_specs
+from hotpath.serving.datatypes import DATATYPES
 from hotpath_client._tensors import infer_request
 
 MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"

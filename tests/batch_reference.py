@@ -1,4 +1,4 @@
-"""A plain-Python reference for `hotpath._batcher`: the same API and semantics, written for clarity.
+"""A plain-Python reference for `hotpath.serving._batcher`: the same API and semantics, written for clarity.
 
 The tests run one behaviour suite against both queues and compare them operation by operation, so
 the compiled queue is checked against code simple enough to verify by reading. Test-only.
@@ -32,7 +32,7 @@ class Pending:
 
 
 class BatchQueue:
-    """A bounded FIFO that forms batches; see `hotpath._batcher` for the rules it mirrors."""
+    """A bounded FIFO that forms batches; see `hotpath.serving._batcher` for the rules it mirrors."""
 
     def __init__(self, max_rows: int, max_queue_size: int, max_delay_ns: int = 0, preferred_sizes=(),
                  batching: bool = True, timeout_ns: int = 0, allow_timeout_override: bool = True,

@@ -47,8 +47,8 @@ def make_data(rows: int, seed: int, shift: float = 0.0, shifted_feature: int = 0
 
 def tensor_specs():
     """The model's inputs and outputs as the server describes them to the recorder."""
-    from hotpath.config import TensorSpec
-    from hotpath.datatypes import DATATYPES
+    from hotpath.serving.config import TensorSpec
+    from hotpath.serving.datatypes import DATATYPES
     inputs = [TensorSpec("x", DATATYPES["FP32"], (FEATURES,)), TensorSpec("city", DATATYPES["BYTES"], ())]
     outputs = [TensorSpec("score", DATATYPES["FP32"], (1,)), TensorSpec("city_code", DATATYPES["INT64"], ())]
     return inputs, outputs

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import batch_reference
-from hotpath import _batcher
 from hotpath.errors import DeadlineExceeded, QueueFull
+from hotpath.serving import _batcher
 
 MS = 1_000_000
 

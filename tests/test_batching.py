@@ -21,12 +21,12 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import ServerProcess
 from hotpath._proto import model_config_pb2
-from hotpath.config import read_config
 from hotpath.errors import LoadError
-from hotpath.model import Model
-from hotpath.replicas import CPU_DEVICE, Replica, ReplicaPlan, plan_replicas
+from hotpath.observability.stats import ModelStats, StatsStore
+from hotpath.serving.config import read_config
+from hotpath.serving.model import Model
+from hotpath.serving.replicas import CPU_DEVICE, Replica, ReplicaPlan, plan_replicas
 from hotpath.settings import Settings, available_cpus
-from hotpath.stats import ModelStats, StatsStore
 from models import add_sub_model, matmul_model
 
 INLINE = 'parameters { key: "execution" value { string_value: "inline" } }\n'

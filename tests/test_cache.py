@@ -8,7 +8,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from hotpath.cache import ENTRY_OVERHEAD, CacheStats, ResponseCache, request_key
+from hotpath.serving.cache import ENTRY_OVERHEAD, CacheStats, ResponseCache, request_key
 from hotpath.settings import parse_size
 
 

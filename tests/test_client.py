@@ -313,7 +313,7 @@ def test_mutual_tls(tmp_path):
 
 def test_documented_python_examples_run(tmp_path, start_server, capsys):
     """The Python examples in clients/README.md, as written, against the demo model."""
-    from hotpath.demo import ensure_demo_repository
+    from hotpath.cli.demo import ensure_demo_repository
 
     server = start_server(ensure_demo_repository(tmp_path))
     doc = (Path(__file__).resolve().parents[1] / "clients" / "README.md").read_text()

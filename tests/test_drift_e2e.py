@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-import hotpath.model
+import hotpath.serving.model
 from drift_models import make_data, make_model, save_npz
 from hotpath.drift.cli import main
 
-pytestmark = pytest.mark.skipif("DriftRecorder" not in Path(hotpath.model.__file__).read_text(),
+pytestmark = pytest.mark.skipif("DriftRecorder" not in Path(hotpath.serving.model.__file__).read_text(),
                                 reason="needs the drift hook in hotpath/model.py (see README.md, Drift monitoring)")
 
 

@@ -13,9 +13,9 @@ from drift_models import CITIES, make_data, make_model, predict, record, save_np
 from hotpath._proto import model_config_pb2
 from hotpath.drift import DriftRecorder
 from hotpath.drift.cli import main
+from hotpath.drift.features import plan_features
 from hotpath.drift.job import distances, load_thresholds, run_job
 from hotpath.drift.recorder import DriftRecorder as Recorder
-from hotpath.drift.features import plan_features
 from hotpath.drift.reference import build_reference, load_reference, save_reference
 
 REFERENCE_ROWS = 5000

@@ -18,13 +18,13 @@ from google.protobuf import text_format
 
 from drift_models import make_data, make_model, predict, record, save_npz, tensor_specs
 from hotpath._proto import model_config_pb2
-from hotpath.config import TensorSpec
-from hotpath.datatypes import DATATYPES
 from hotpath.drift import DriftError, DriftRecorder
 from hotpath.drift.features import plan_features
 from hotpath.drift.job import merge_windows, read_windows
 from hotpath.drift.recorder import DriftRecorder as Recorder
 from hotpath.drift.reference import build_reference, save_reference
+from hotpath.serving.config import TensorSpec
+from hotpath.serving.datatypes import DATATYPES
 
 
 def drift_config(text: str = "enable: true") -> model_config_pb2.ModelDriftConfig:

@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import grpc_service_pb2_grpc
-from hotpath.datatypes import DATATYPES
+from hotpath.serving.datatypes import DATATYPES
 from models import IDENTITY_TYPES, _model, _save
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -23,7 +23,7 @@ import pytest
 from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from hotpath.demo import ensure_demo_repository
+from hotpath.cli.demo import ensure_demo_repository
 from hotpath_client import Client
 
 DOC = Path(__file__).resolve().parents[1] / "clients" / "README.md"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hotpath.demo import ensure_demo_repository
+from hotpath.cli.demo import ensure_demo_repository
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "clients" / "node"
 

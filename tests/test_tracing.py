@@ -14,8 +14,8 @@ import tritonclient.grpc as grpcclient
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from hotpath.observability.telemetry import DEFAULT_SAMPLING, trace_settings
 from hotpath.settings import Settings
-from hotpath.telemetry import DEFAULT_SAMPLING, trace_settings
 from models import add_sub_model
 
 DELAYED = ('name: "add_sub"\nmax_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 1000000 }\n'

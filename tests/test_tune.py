@@ -16,9 +16,9 @@ from bench.ceiling import cpu_session
 from bench.models import INPUT_NAME, MODELS, write_repository
 from bench.server_process import ServerProcess
 from hotpath._proto import model_config_pb2
-from hotpath_client import Client
+from hotpath.cli.tune import Candidate, Trial, Tuner, placements, threads_used
 from hotpath.settings import available_cpus
-from hotpath.tune import Candidate, Trial, Tuner, placements, threads_used
+from hotpath_client import Client
 
 
 def _tune(*args: str) -> subprocess.CompletedProcess:

@@ -12,18 +12,18 @@ from pathlib import Path
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from hotpath._frontend import ServerCall
 from hotpath._proto._pool import POOL
-from hotpath.cache import ResponseCache
-from hotpath.dataplane import DataPlane
-from hotpath.frontend import OK, FrontEnd
-from hotpath.health import NOT_SERVING, SERVING, Health
-from hotpath.metrics import MetricsEndpoint
-from hotpath.repository import ModelRepository
-from hotpath.servicer import SERVICE, InferenceServicer
+from hotpath.observability.metrics import MetricsEndpoint
+from hotpath.observability.stats import StatsStore
+from hotpath.observability.telemetry import configure_tracing
+from hotpath.serving.cache import ResponseCache
+from hotpath.serving.dataplane import DataPlane
+from hotpath.serving.repository import ModelRepository
 from hotpath.settings import Settings, grpc_threads
-from hotpath.stats import StatsStore
-from hotpath.telemetry import configure_tracing
+from hotpath.transport._frontend import ServerCall
+from hotpath.transport.frontend import OK, FrontEnd
+from hotpath.transport.health import NOT_SERVING, SERVING, Health
+from hotpath.transport.servicer import SERVICE, InferenceServicer
 
 log = logging.getLogger(__name__)
 

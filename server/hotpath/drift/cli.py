@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from hotpath.config import read_config
 from hotpath.drift.features import DriftError
 from hotpath.drift.files import parse_utc
 from hotpath.drift.job import DEFAULT_ALERT_SHARE, load_thresholds, parse_duration, run_job, summary
 from hotpath.drift.recorder import default_window_dir
+from hotpath.serving.config import read_config
 from hotpath.drift.reference import (DEFAULT_BINS, DEFAULT_MAX_CATEGORIES, build_reference, load_reference,
                                      reference_path, save_reference)
 from hotpath.drift.report import write_report

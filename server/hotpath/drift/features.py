@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from hotpath._proto import model_config_pb2
-from hotpath.config import TensorSpec
+from hotpath.serving.config import TensorSpec
 
 PROJECTIONS = {
     "mean": lambda x: x.mean(axis=1),

@@ -22,11 +22,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from hotpath._proto import model_config_pb2
-from hotpath.config import TensorSpec
 from hotpath.drift.features import TensorFeatures, plan_features
 from hotpath.drift.files import utc_iso, write_json_atomically
 from hotpath.drift.reference import Reference, load_reference, reference_path
 from hotpath.drift.stats import WindowStats
+from hotpath.serving.config import TensorSpec
 
 logger = logging.getLogger("hotpath.drift")
 

@@ -21,11 +21,11 @@ import numpy as np
 import onnxruntime as ort
 
 from hotpath._proto import model_config_pb2
-from hotpath.config import DEFAULT_MODEL_FILE, TensorSpec, complete_config, read_config, tensor_specs
 from hotpath.drift.features import DriftError, TensorFeatures, plan_features
 from hotpath.drift.files import utc_iso, write_json_atomically
 from hotpath.drift.stats import MAX_BINS, WindowStats, category_label, text_keys
 from hotpath.errors import LoadError
+from hotpath.serving.config import DEFAULT_MODEL_FILE, TensorSpec, complete_config, read_config, tensor_specs
 
 REFERENCE_SCHEMA = "hotpath.drift.reference"
 SCHEMA_VERSION = 1

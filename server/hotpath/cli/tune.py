@@ -36,8 +36,8 @@ from google.protobuf import text_format
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import grpc_service_pb2_grpc as pb_grpc
 from hotpath._proto import model_config_pb2
-from hotpath.config import BATCH_POLICY_DELAY, BATCH_POLICY_WORK_CONSERVING, batch_policy, read_config
 from hotpath.errors import LoadError
+from hotpath.serving.config import BATCH_POLICY_DELAY, BATCH_POLICY_WORK_CONSERVING, batch_policy, read_config
 from hotpath.settings import available_cpus
 
 if TYPE_CHECKING:

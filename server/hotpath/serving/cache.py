@@ -4,6 +4,6 @@
 under those keys, least recently used first out, within a server-wide byte budget (the `--cache-size` flag).
 """
 
-from hotpath._cache import ENTRY_OVERHEAD, CacheStats, ResponseCache, request_key
+from hotpath.serving._cache import ENTRY_OVERHEAD, CacheStats, ResponseCache, request_key
 
 __all__ = ["ENTRY_OVERHEAD", "CacheStats", "ResponseCache", "request_key"]

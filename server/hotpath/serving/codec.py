@@ -10,11 +10,11 @@ import math
 
 import numpy as np
 
-from hotpath._codec import BytesFormatError, join_bytes, split_bytes
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import model_config_pb2
-from hotpath.config import TensorSpec
 from hotpath.errors import InvalidArgument
+from hotpath.serving._codec import BytesFormatError, join_bytes, split_bytes
+from hotpath.serving.config import TensorSpec
 
 
 def _text_array(name: str, items: list, shape: tuple[int, ...]) -> np.ndarray:

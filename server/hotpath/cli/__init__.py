@@ -8,9 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
-from hotpath.drift.cli import add_commands as add_drift_commands
 from hotpath import __version__
-from hotpath.logs import configure_logging
+from hotpath.drift.cli import add_commands as add_drift_commands
+from hotpath.observability.logs import configure_logging
 from hotpath.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, available_cpus, grpc_threads, parse_size
 
 log = logging.getLogger("hotpath")
@@ -57,10 +57,10 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from hotpath.demo import ensure_demo_repository
+    from hotpath.cli.demo import ensure_demo_repository
     from hotpath.server import serve
 
-    from hotpath.telemetry import trace_settings
+    from hotpath.observability.telemetry import trace_settings
 
     if args.grpc_threads < 0:
         log.error("--grpc-threads must be at least 1 (or 0 to choose from the usable CPUs), got %d", args.grpc_threads)
@@ -137,7 +137,7 @@ def _add_tune(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from hotpath.tune import tune_command
+    from hotpath.cli.tune import tune_command
 
     return tune_command(args)
 

@@ -34,7 +34,7 @@ cdef extern from "<grpcpp/grpcpp.h>" namespace "grpc" nogil:
         Status Dump(vector[Slice]* slices)
 
 
-cdef extern from "hotpath/frontend_core.h" namespace "hotpath" nogil:
+cdef extern from "hotpath/transport/frontend_core.h" namespace "hotpath" nogil:
     cppclass Call:
         const string& method()
         cbool streaming()

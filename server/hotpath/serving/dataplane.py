@@ -10,15 +10,16 @@ from collections.abc import Sequence
 
 from opentelemetry.trace import Span
 
-from hotpath import __version__, telemetry
+from hotpath import __version__
 from hotpath._proto import grpc_service_pb2 as pb
-from hotpath._codec import join_bytes
 from hotpath._proto import model_config_pb2
-from hotpath.cache import ResponseCache, request_key
 from hotpath.errors import InferenceError, InvalidArgument, ResponseTooLarge
-from hotpath.model import Model
-from hotpath.repository import ModelRepository, check_model_name
-from hotpath.stats import to_proto
+from hotpath.observability import telemetry
+from hotpath.observability.stats import to_proto
+from hotpath.serving._codec import join_bytes
+from hotpath.serving.cache import ResponseCache, request_key
+from hotpath.serving.model import Model
+from hotpath.serving.repository import ModelRepository, check_model_name
 
 EXTENSIONS = ("model_repository", "statistics", "model_configuration", "schedule_policy")
 """The protocol extensions ServerMetadata reports."""

@@ -22,16 +22,17 @@ from pathlib import Path
 import numpy as np
 from opentelemetry.trace import Span
 
-from hotpath import _batcher, telemetry
 from hotpath._proto import model_config_pb2
-from hotpath.codec import ModelCodec
-from hotpath.config import BATCH_POLICY_WORK_CONSERVING, TensorSpec, batch_policy, complete_config, parameter, tensor_specs
 from hotpath.drift import DriftError, DriftRecorder
 from hotpath.errors import LoadError, ModelExecutionError, ModelUnavailable
-from hotpath.replicas import Replica, ReplicaPlan, pinned_cores, plan_replicas
-from hotpath.sessions import choose_execution, create_session
+from hotpath.observability import telemetry
+from hotpath.observability.stats import ModelStats, StatsStore
+from hotpath.serving import _batcher
+from hotpath.serving.codec import ModelCodec
+from hotpath.serving.config import BATCH_POLICY_WORK_CONSERVING, TensorSpec, batch_policy, complete_config, parameter, tensor_specs
+from hotpath.serving.replicas import Replica, ReplicaPlan, pinned_cores, plan_replicas
+from hotpath.serving.sessions import choose_execution, create_session
 from hotpath.settings import Settings
-from hotpath.stats import ModelStats, StatsStore
 
 log = logging.getLogger(__name__)
 

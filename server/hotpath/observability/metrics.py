@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
-from hotpath.stats import (DURATION_BUCKETS, DURATION_INDEX, FAILURES, GAUGE, HISTOGRAM, INFERENCE_COUNT, STATUS_NAMES, StatsStore,
+from hotpath.observability.stats import (DURATION_BUCKETS, DURATION_INDEX, FAILURES, GAUGE, HISTOGRAM, INFERENCE_COUNT, STATUS_NAMES, StatsStore,
                            batch_sizes)
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ import onnxruntime as ort
 from google.protobuf import text_format
 
 from hotpath._proto import model_config_pb2
-from hotpath.datatypes import BY_CONFIG_TYPE, BY_ONNX_TYPE, Datatype
 from hotpath.errors import LoadError
+from hotpath.serving.datatypes import BY_CONFIG_TYPE, BY_ONNX_TYPE, Datatype
 
 CONFIG_FILE = "config.pbtxt"
 DEFAULT_MODEL_FILE = "model.onnx"

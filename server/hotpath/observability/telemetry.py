@@ -32,7 +32,7 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from hotpath import __version__
-from hotpath._batcher import Pending
+from hotpath.serving._batcher import Pending
 from hotpath.settings import Settings
 
 log = logging.getLogger(__name__)

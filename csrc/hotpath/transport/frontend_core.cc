@@ -1,4 +1,4 @@
-#include "hotpath/frontend_core.h"
+#include "hotpath/transport/frontend_core.h"
 
 #include <sys/eventfd.h>
 #include <unistd.h>

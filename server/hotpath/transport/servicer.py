@@ -10,13 +10,13 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from opentelemetry.trace import Span
 
-from hotpath import telemetry
-from hotpath._frontend import ServerCall
 from hotpath._proto import grpc_service_pb2 as pb
-from hotpath.dataplane import DataPlane
 from hotpath.errors import InferenceError
-from hotpath.frontend import FrontEnd
-from hotpath.telemetry import Tracing
+from hotpath.observability import telemetry
+from hotpath.observability.telemetry import Tracing
+from hotpath.serving.dataplane import DataPlane
+from hotpath.transport._frontend import ServerCall
+from hotpath.transport.frontend import FrontEnd
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2
 
-from hotpath._frontend import ServerCall
+from hotpath.transport._frontend import ServerCall
 
 SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING

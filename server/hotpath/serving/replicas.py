@@ -15,8 +15,8 @@ import onnxruntime as ort
 from opentelemetry.trace import Span
 
 from hotpath._proto import model_config_pb2
-from hotpath.config import parameter
 from hotpath.errors import LoadError
+from hotpath.serving.config import parameter
 from hotpath.settings import Settings, available_cpus
 
 KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU

@@ -16,9 +16,9 @@ import numpy as np
 import onnxruntime as ort
 
 from hotpath._proto import model_config_pb2
-from hotpath.datatypes import BY_ONNX_TYPE
 from hotpath.errors import LoadError
-from hotpath.replicas import CPU_DEVICE, ReplicaPlan, pinned_cores
+from hotpath.serving.datatypes import BY_ONNX_TYPE
+from hotpath.serving.replicas import CPU_DEVICE, ReplicaPlan, pinned_cores
 from hotpath.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 from hotpath._proto import model_config_pb2
-from hotpath.config import DEFAULT_MODEL_FILE, read_config
 from hotpath.errors import InferenceError, InvalidArgument, LoadError, ModelNotFound
-from hotpath.model import Model
+from hotpath.observability.stats import StatsStore
+from hotpath.serving.config import DEFAULT_MODEL_FILE, read_config
+from hotpath.serving.model import Model
 from hotpath.settings import Settings
-from hotpath.stats import StatsStore
 
 log = logging.getLogger(__name__)
 

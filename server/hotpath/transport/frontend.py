@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from hotpath._frontend import EVENT_MESSAGE, NativeServer, ServerCall
 from hotpath.settings import Settings
+from hotpath.transport._frontend import EVENT_MESSAGE, NativeServer, ServerCall
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,5 @@
+"""`python -m hotpath.cli`: the `hotpath` command."""
+
+from hotpath.cli import main
+
+main()

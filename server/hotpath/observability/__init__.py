@@ -1,0 +1,1 @@
+"""What the server tells operators: statistics, Prometheus metrics, traces and logs."""

@@ -1,0 +1,1 @@
+"""The data plane and its models: requests decoded, cached, batched and run on ONNX Runtime."""
