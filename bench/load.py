@@ -23,7 +23,6 @@ from bench.loadgen import (
     grpc_frame,
     input_order,
     model_statistics,
-    run_h2load,
     run_python,
     statistics_delta,
 )
@@ -37,7 +36,7 @@ from hotpath_client._tensors import infer_request as client_infer_request
 
 __all__ = [
     "DISTRIBUTIONS", "ZIPF_EXPONENT", "LoadResult", "ServerProcess", "grpc_frame", "infer_request", "input_order",
-    "input_rows", "model_statistics", "run_h2load", "run_python", "statistics_delta", "verify",
+    "input_rows", "model_statistics", "run_python", "statistics_delta", "verify",
 ]
 
 

@@ -4,7 +4,7 @@ It lives with the bench, not in the server package: `hotpath tune` imports it wh
 Requests are built by the client package's builder (`hotpath_client`), datatypes come from
 `hotpath.serving.datatypes`, and servers are launched by `bench.server_process`.
 
-Two clients. `h2load` (Debian's nghttp2-client) is compiled and replays one gRPC-framed
+Two clients. `h2load` (Debian's nghttp2-client, driven by `bench.h2load`) is compiled and replays one gRPC-framed
 ModelInferRequest as an HTTP/2 POST, so it is not the bottleneck at peak rates; it cannot read gRPC
 status (that travels in trailers), so failures come from the response bytes received and from the
 server's ModelStatistics. The Python client (grpc.aio) is slower but sees every status, sends distinct
@@ -20,11 +20,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import os
-import re
-import shutil
-import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -34,6 +29,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from bench import procfs
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import grpc_service_pb2_grpc as pb_grpc
 from hotpath.serving.config import TensorSpec, tensor_specs
@@ -55,8 +51,6 @@ CLIENT_BACKLOG = "CLIENT_BACKLOG"
 """Errors key for open-loop arrivals dropped because `max_in_flight` requests were already outstanding."""
 _REQUEST_ID_TAG = b"\x1a"
 """ModelInferRequest.id is field 3, length-delimited: appended to a serialized request, it sets the id."""
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_H2LOAD_INSTALL_HINT = "h2load not found on PATH: install it with `apt-get install -y nghttp2-client`"
 
 
 @dataclass
@@ -169,33 +163,9 @@ def latency_summary(latencies_s: np.ndarray) -> dict[str, float]:
 
 
 def connections_for(concurrency: int) -> int:
-    """Spread `concurrency` streams evenly over up to MAX_CONNECTIONS connections, so a multi-process
-    front end sees several sockets while each connection still multiplexes."""
+    """Spread `concurrency` streams evenly over up to MAX_CONNECTIONS connections, so the server sees
+    several sockets, as from several clients, while each connection still multiplexes."""
     return math.gcd(concurrency, MAX_CONNECTIONS)
-
-
-class ProcessTreeCPU:
-    """CPU seconds (user + system) used by a process and all its live descendants, from /proc."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-    def seconds(self) -> float:
-        stats = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    text = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                fields = text[text.rindex(")") + 2 :].split()
-                stats[int(entry.name)] = (int(fields[1]), sum(int(value) for value in fields[11:15]))
-        tree, frontier = set(), [self.pid]
-        while frontier:
-            pid = frontier.pop()
-            tree.add(pid)
-            frontier += [child for child, (ppid, _) in stats.items() if ppid == pid and child not in tree]
-        return sum(stats[pid][1] for pid in tree if pid in stats) / _CLOCK_TICKS
 
 
 def model_statistics(target: str, model: str) -> pb.ModelStatistics:
@@ -222,92 +192,6 @@ def statistics_delta(before: pb.ModelStatistics, after: pb.ModelStatistics) -> d
         "execution_count": after.execution_count - before.execution_count,
         "batch_size_executions": {str(size): batches[size] for size in sorted(batches)},
     }
-
-
-def run_h2load(
-    target: str,
-    model: str,
-    body: bytes,
-    response_size: int,
-    concurrency: int,
-    duration_s: float,
-    server_pid: int,
-    rate_rps: float | None = None,
-) -> LoadResult:
-    """Replay `body` (a serialized ModelInferRequest) with h2load at up to `concurrency` in flight.
-
-    With `rate_rps`, each connection sends at an even `rate_rps / connections` per second (h2load's
-    --rps) instead of as fast as responses return. `response_size` is the serialized size of a
-    correct response; exchanges that carried fewer response bytes than that are counted as errors under
-    "no_response_body", since a gRPC error is a trailers-only response that h2load counts as HTTP 200.
-    """
-    if shutil.which("h2load") is None:
-        raise RuntimeError(_H2LOAD_INSTALL_HINT)
-    connections = connections_for(concurrency)
-    with tempfile.TemporaryDirectory(prefix="hotpath-h2load-") as workdir:
-        body_path, log_path = Path(workdir) / "body", Path(workdir) / "latency.tsv"
-        body_path.write_bytes(grpc_frame(body))
-        command = [
-            "h2load",
-            f"--clients={connections}",
-            f"--max-concurrent-streams={concurrency // connections}",
-            "--threads=1",
-            f"--data={body_path}",
-            "--header=content-type: application/grpc",
-            "--header=te: trailers",
-            f"--duration={max(1, round(duration_s * 1000))}ms",
-            f"--log-file={log_path}",
-        ]
-        if rate_rps is not None:
-            command.append(f"--rps={rate_rps / connections:g}")
-        command.append(f"http://{target}{MODEL_INFER_PATH}")
-        cpu = ProcessTreeCPU(server_pid)
-        cpu_before = cpu.seconds()
-        summary, client_cpu = _h2load(command)
-        server_cpu = cpu.seconds() - cpu_before
-        log = np.loadtxt(log_path, dtype=np.int64, ndmin=2)
-    latencies = log[:, 2] / 1e6 if log.size else np.empty(0)
-    errors = {"h2load_" + key: summary[key] for key in ("failed", "errored", "timeout") if summary[key]}
-    answered = round(summary["data_bytes"] / (GRPC_PREFIX_SIZE + response_size))
-    if summary["succeeded"] > answered:
-        errors["no_response_body"] = summary["succeeded"] - answered
-    requests = min(summary["succeeded"], answered)
-    return LoadResult(
-        client="h2load",
-        model=model,
-        concurrency=concurrency,
-        distribution="fixed",
-        duration_s=summary["elapsed_s"],
-        requests=requests,
-        errors=errors,
-        throughput_rps=requests / summary["elapsed_s"],
-        latency_ms=latency_summary(latencies),
-        server_cpu_s=server_cpu,
-        cpu_us_per_request=server_cpu / max(requests, 1) * 1e6,
-        client_cpu_s=client_cpu,
-        rate_rps=rate_rps,
-    )
-
-
-def _h2load(command: list[str]) -> tuple[dict, float]:
-    """Run h2load and return its parsed summary and the CPU seconds it used."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    counts = re.search(
-        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout",
-        output,
-    )
-    finished = re.search(r"finished in ([\d.]+)(m?s)", output)
-    traffic = re.search(r"\((\d+)\) data", output)
-    if process.returncode != 0 or not (counts and finished and traffic):
-        raise RuntimeError(f"h2load failed (exit {process.returncode}): {' '.join(command)}\n{output}")
-    elapsed = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
-    keys = ("total", "started", "done", "succeeded", "failed", "errored", "timeout")
-    summary = dict(zip(keys, map(int, counts.groups())), elapsed_s=elapsed)
-    summary["data_bytes"] = int(traffic.group(1))
-    return summary, usage.ru_utime + usage.ru_stime
 
 
 class StreamFailed(Exception):
@@ -440,11 +324,10 @@ def run_python(
     Poisson process and at most `concurrency` may be outstanding (later arrivals count as CLIENT_BACKLOG
     errors). `streaming` sends them over ModelStreamInfer streams (one per connection) instead of ModelInfer.
     """
-    cpu = ProcessTreeCPU(server_pid)
-    cpu_before, client_before = cpu.seconds(), time.process_time()
+    cpu_before, client_before = procfs.cpu_seconds(server_pid), time.process_time()
     latencies, errors, elapsed = asyncio.run(
         _python_load(target, bodies, order, concurrency, duration_s, rate_rps, streaming, seed))
-    server_cpu = cpu.seconds() - cpu_before
+    server_cpu = procfs.cpu_seconds(server_pid) - cpu_before
     return LoadResult(
         client="python",
         model=model,

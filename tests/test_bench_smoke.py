@@ -93,7 +93,7 @@ def test_verify_catches_wrong_outputs(naive_server: ServerProcess, repository: P
 def test_h2load_counts_grpc_errors_it_cannot_see(naive_server: ServerProcess) -> None:
     wrong_width = load.infer_request("tiny", np.zeros((1, 3), np.float32)).SerializeToString()
     before = load.model_statistics(naive_server.target, "tiny")
-    result = load.run_h2load(naive_server.target, "tiny", wrong_width, 40, 4, 0.5, naive_server.process.pid)
+    result = h2load.run(naive_server.target, "tiny", wrong_width, 40, 4, 4, 0.5, naive_server.process.pid)
     delta = load.statistics_delta(before, load.model_statistics(naive_server.target, "tiny"))
     assert result.requests == 0
     in_flight_at_stop = 4

@@ -118,15 +118,15 @@ class Candidate:
         return tuned
 
 
-def import_bench() -> tuple[ModuleType, ModuleType]:
-    """`bench.loadgen` and `bench.server_process`: from the import path, else from the checkout this
-    hotpath is installed from (an editable install); ImportError when neither has them."""
-    root = Path(__file__).resolve().parents[2]
+def import_bench() -> tuple[ModuleType, ModuleType, ModuleType]:
+    """`bench.loadgen`, `bench.h2load` and `bench.server_process`: from the import path, else from the
+    checkout this hotpath is installed from (an editable install); ImportError when neither has them."""
+    root = Path(__file__).resolve().parents[3]
     if importlib.util.find_spec("bench") is None and (root / "bench" / "loadgen.py").is_file():
         sys.path.append(str(root))
-    from bench import loadgen, server_process
+    from bench import h2load, loadgen, server_process
 
-    return loadgen, server_process
+    return loadgen, h2load, server_process
 
 
 def placements(cpus: int) -> list[tuple[int, int, str]]:
@@ -171,7 +171,7 @@ class Tuner:
     """Runs candidates of one model as real servers and keeps the best."""
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
-        self.loadgen, self.server_process = import_bench()
+        self.loadgen, self.h2load, self.server_process = import_bench()
         self.args = args
         self.model = args.model
         self.workdir = workdir
@@ -216,8 +216,8 @@ class Tuner:
 
     def drive(self, server: ServerProcess, concurrency: int, seconds: float) -> loadgen.LoadResult:
         if self.args.client == "h2load":
-            return self.loadgen.run_h2load(server.target, self.model, self.bodies[0], self.response_size, concurrency,
-                                      seconds, server.process.pid)
+            return self.h2load.run(server.target, self.model, self.bodies[0], self.response_size, concurrency,
+                                   self.loadgen.connections_for(concurrency), seconds, server.process.pid)
         return self.loadgen.run_python(server.target, self.model, self.bodies, self.order, self.args.distribution,
                                   concurrency, seconds, server.process.pid, seed=self.args.seed)
 

@@ -140,7 +140,7 @@ class DriftRecorder:
             try:
                 items = [self._queue.get(timeout=max(0.0, self._window_end - self._clock()))]
             except queue.Empty:
-                self._write()
+                self._write_if_counted()
                 self._start_window(self._clock())
                 continue
             while len(items) < DRAIN_BATCHES:
@@ -164,7 +164,7 @@ class DriftRecorder:
                 if timestamp >= self._window_end:
                     self._add(pending)
                     pending = []
-                    self._write()
+                    self._write_if_counted()
                     self._start_window(timestamp)
                 pending.append((inputs, outputs))
             self._add(pending)
@@ -192,6 +192,14 @@ class DriftRecorder:
                                      "counted in the window files", self.model_name, self.version)
                 self._failed_batches += len(run)
             start = end
+
+    def _write_if_counted(self) -> None:
+        """Write the window when it counted anything: a window that a flush already wrote out, or that
+        saw no traffic, leaves no empty file behind."""
+        with self._drop_lock:
+            dropped = self._dropped_batches
+        if self._stats.batches or dropped or self._failed_batches:
+            self._write()
 
     def _write(self) -> None:
         with self._drop_lock:
