@@ -121,10 +121,10 @@ def test_caller_traceparent_is_continued_and_steps_are_children(tmp_path, start_
             client.infer("add_sub", _inputs(2), model_version="7", headers=sampled)
 
     spans = collector.wait_for(lambda s: len(_named(s, "inference.GRPCInferenceService/ModelInfer")) == 2
-                               and _named(s, "batch") and _named(s, "hotpath.response.encode"))
+                               and _named(s, "hotpath.batch") and _named(s, "hotpath.response.encode"))
     time.sleep(0.3)
     spans = collector.wait_for(lambda s: True)
-    assert {s.trace_id.hex() for s in spans if s.name != "batch"} == {TRACE_ID}, "only the sampled caller's requests are traced"
+    assert {s.trace_id.hex() for s in spans if s.name != "hotpath.batch"} == {TRACE_ID}, "only the sampled caller's requests are traced"
     ok, failed = sorted(_named(spans, "inference.GRPCInferenceService/ModelInfer"),
                         key=lambda s: _attributes(s)["rpc.grpc.status_code"])
     for span in (ok, failed):
@@ -144,7 +144,7 @@ def test_caller_traceparent_is_continued_and_steps_are_children(tmp_path, start_
     for step in steps.values():
         assert ok.start_time_unix_nano <= step.start_time_unix_nano <= step.end_time_unix_nano <= ok.end_time_unix_nano
 
-    (batch,) = _named(spans, "batch")
+    (batch,) = _named(spans, "hotpath.batch")
     assert batch.parent_span_id == b"" and batch.trace_id.hex() != TRACE_ID
     assert [(link.trace_id.hex(), link.span_id) for link in batch.links] == [(TRACE_ID, ok.span_id)]
     resource = next(r for r, s in collector.spans if s.span_id == ok.span_id)
@@ -156,12 +156,12 @@ def test_batch_span_links_every_request_it_served(tmp_path, start_server, receiv
     add_sub_model(tmp_path, config=DELAYED)
     server = start_server(tmp_path, "--trace-endpoint", endpoint, "--trace-sampling", "1.0", env=SPAN_ENV)
     _infer_concurrently(server.url, 3)
-    spans = collector.wait_for(lambda s: len(_named(s, "batch")) == 1 and len(_named(s, "inference.GRPCInferenceService/ModelInfer")) == 3)
+    spans = collector.wait_for(lambda s: len(_named(s, "hotpath.batch")) == 1 and len(_named(s, "inference.GRPCInferenceService/ModelInfer")) == 3)
     _infer_concurrently(server.url, 8)
-    spans = collector.wait_for(lambda s: len(_named(s, "batch")) == 2 and len(_named(s, "inference.GRPCInferenceService/ModelInfer")) == 11)
+    spans = collector.wait_for(lambda s: len(_named(s, "hotpath.batch")) == 2 and len(_named(s, "inference.GRPCInferenceService/ModelInfer")) == 11)
 
     requests = {s.span_id: s for s in _named(spans, "inference.GRPCInferenceService/ModelInfer")}
-    batches = sorted(_named(spans, "batch"), key=lambda s: s.start_time_unix_nano)
+    batches = sorted(_named(spans, "hotpath.batch"), key=lambda s: s.start_time_unix_nano)
     expected = [(3, "delay"), (8, "full")]
     linked = set()
     for batch, (size, reason) in zip(batches, expected):
@@ -218,5 +218,5 @@ def test_a_sampled_stream_has_one_server_span_parenting_every_request(tmp_path, 
     assert _attributes(stream)["rpc.method"] == "ModelStreamInfer" and _attributes(stream)["rpc.grpc.status_code"] == 0
     waits = _named(spans, "hotpath.queue.wait")
     assert all(wait.parent_span_id == stream.span_id for wait in waits)
-    linked = {link.span_id for batch in _named(spans, "batch") for link in batch.links}
+    linked = {link.span_id for batch in _named(spans, "hotpath.batch") for link in batch.links}
     assert linked == {stream.span_id}

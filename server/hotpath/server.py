@@ -89,7 +89,7 @@ class Server:
     async def stop(self) -> None:
         """Stop taking calls, let in-flight ones finish within the grace period, unload models."""
         self.health.enter_graceful_shutdown()
-        await self.frontend.stop(self.settings.grace_seconds)
+        await self.frontend.stop(self.settings.grace_s)
         await self.repository.close()
         if self._cache_stats is not None:
             self._cache_stats.cancel()

@@ -63,7 +63,7 @@ class Settings:
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR."""
 
-    grace_seconds: float = 5.0
+    grace_s: float = 5.0
     """On shutdown, how long in-flight requests may take to finish."""
 
 

@@ -202,7 +202,7 @@ def start_batch(model: str, version: int, replica: int, batch: Sequence[Pending]
                                   start_time=now - (now_monotonic_ns - pending.enqueued_ns), attributes={"hotpath.replica": replica})
         wait.end(end_time=now)
         links.append(Link(request_span.get_span_context()))
-    return _TRACER.start_span("batch", context=Context(), kind=SpanKind.INTERNAL, links=links, start_time=now, attributes={
+    return _TRACER.start_span("hotpath.batch", context=Context(), kind=SpanKind.INTERNAL, links=links, start_time=now, attributes={
         "hotpath.model.name": model, "hotpath.model.version": version, "hotpath.replica": replica,
         "hotpath.batch.requests": len(batch), "hotpath.batch.size": sum(p.rows for p in batch),
         "hotpath.batch.dispatch": reason})
