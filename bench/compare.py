@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import run
+from bench import plotting, run
 from bench.ceiling import cpu_session
 from bench.loadgen import overlay_repository
 from bench.models import write_repository
@@ -121,12 +121,11 @@ def print_table(summary: list[dict], configs: list[str], open_loop: bool) -> Non
               f"{row['vs_first']:14.2f}{row['of_ceiling']:12.3f}")
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path) -> bool:
     """One panel per scenario: each configuration's median throughput as a bar, each round as a dot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot(path)
+    if plt is None:
+        return False
 
     configs = list(results["configs"])
     scenarios = list(dict.fromkeys((row["model"], row["level"]) for row in results["summary"]))
@@ -148,6 +147,7 @@ def plot(results: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return True
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> Path:
     print_table(results["summary"], names, args.mode == "open")
     json_path = args.out / f"{stamp}-compare.json"
     json_path.write_text(json.dumps(results, indent=2))
-    plot(results, json_path.with_suffix(".png"))
-    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    plotted = plot(results, json_path.with_suffix(".png"))
+    print(f"wrote {json_path}" + (f" and {json_path.with_suffix('.png')}" if plotted else ""))
     return json_path
 
 

@@ -38,7 +38,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from bench import ceiling, floor, h2load, load, procfs, pytriton_server, targets
+from bench import ceiling, floor, h2load, load, plotting, procfs, pytriton_server, targets
 from bench.loadgen import connections_for
 from bench.models import INPUT_NAME, MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US, MODELS, write_repository
 from bench.server_process import ServerProcess
@@ -237,13 +237,12 @@ def series_label(name: str, run: dict, settings: dict) -> str:
     return f"{name}, {run['connections']} conn"
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path) -> bool:
     """Throughput (top row) and p99 latency (bottom row) against the sweep, one column per model; runs
     over a connection layout other than the sweep's are drawn as their own series."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot(path)
+    if plt is None:
+        return False
 
     open_loop = results["settings"]["mode"] == "open"
     models = list(dict.fromkeys(run["model"] for server in results["servers"].values() for run in server["runs"]))
@@ -280,6 +279,7 @@ def plot(results: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return True
 
 
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
@@ -574,8 +574,8 @@ def main(argv: list[str] | None = None) -> Path:
     report(results)
     json_path = args.out / f"{stamp}.json"
     json_path.write_text(json.dumps(results, indent=2))
-    plot(results, args.out / f"{stamp}.png")
-    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    plotted = plot(results, args.out / f"{stamp}.png")
+    print(f"wrote {json_path}" + (f" and {json_path.with_suffix('.png')}" if plotted else ""))
     return json_path
 
 

@@ -389,3 +389,12 @@ def test_server_process_reads_the_port_file_and_refuses_a_server_that_is_not_ser
     assert "bad" in str(failure.value), "the error carries the server's log"
     with ServerProcess("hotpath", command, tmp_path / "tolerant.log", require_serving=False) as server:
         assert server.process.poll() is None
+
+
+def test_plots_are_skipped_with_a_note_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert bench_run.plot({}, tmp_path / "run.png") is False
+    assert compare.plot({}, tmp_path / "compare.png") is False
+    assert not list(tmp_path.iterdir())
+    assert capsys.readouterr().out.count("plot skipped: matplotlib is not installed") == 2

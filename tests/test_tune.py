@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,17 @@ from hotpath.settings import available_cpus
 from hotpath_client import Client
 
 
-def _tune(*args: str) -> subprocess.CompletedProcess:
+def _tune(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hotpath.cli", "tune", *args], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def _without_matplotlib(folder: Path) -> dict[str, str]:
+    """An environment in which `import matplotlib` fails as it does where the package is not installed."""
+    (folder / "matplotlib").mkdir(parents=True)
+    (folder / "matplotlib" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'matplotlib'\", name='matplotlib')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.mark.parametrize("cpus", range(1, 34))
@@ -88,12 +97,15 @@ def test_tune_rejects_bad_arguments_before_starting_anything(tmp_path: Path) -> 
     assert too_many.returncode == 2 and "CPUs this process may use" in too_many.stderr
 
 
-def test_short_tune_writes_a_config_that_a_server_loads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("matplotlib", [True, False], ids=["with-matplotlib", "without-matplotlib"])
+def test_short_tune_writes_a_config_that_a_server_loads(tmp_path: Path, matplotlib: bool) -> None:
     repository = write_repository(tmp_path / "repo", ["tiny"])
     original = (repository / "tiny" / "config.pbtxt").read_text()
     done = _tune("tiny", "--model-repository", str(repository), "--time-budget", "20", "--duration", "0.3",
-                 "--warmup", "0.1", "--confirm-rounds", "1", "--concurrency", "8", "--latency-budget-ms", "500")
+                 "--warmup", "0.1", "--confirm-rounds", "1", "--concurrency", "8", "--latency-budget-ms", "500",
+                 env=None if matplotlib else _without_matplotlib(tmp_path / "blocked"))
     assert done.returncode == 0, done.stdout + done.stderr
+    assert ("plot skipped: matplotlib is not installed" in done.stdout) is not matplotlib, done.stdout
     assert (repository / "tiny" / "config.pbtxt").read_text() == original
     tuned_path = repository / "tiny" / "config.tuned.pbtxt"
     tuned = text_format.Parse(tuned_path.read_text(), model_config_pb2.ModelConfig())
@@ -108,7 +120,8 @@ def test_short_tune_writes_a_config_that_a_server_loads(tmp_path: Path) -> None:
         assert trial["note"] == "" and trial["score_rps"] > 0 and trial["p99_ms"] <= 500
     assert report["confirmation"]["start"]["throughput_rps"] > 0
     assert "| # | stage |" in (repository / "tiny" / "tune-report.md").read_text()
-    assert (repository / "tiny" / "tune-report.png").read_bytes().startswith(b"\x89PNG")
+    png = repository / "tiny" / "tune-report.png"
+    assert png.read_bytes().startswith(b"\x89PNG") if matplotlib else not png.exists()
 
     served = loadgen.overlay_repository(repository, tmp_path / "served", ["tiny"], {"tiny": tuned_path.read_text()})
     flags = report["chosen"]["serve_flags"][2:]

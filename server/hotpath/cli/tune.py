@@ -354,12 +354,16 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(result: dict, path: Path) -> None:
-    """Each trial's score (bars; grey when no load level met the budget), and the confirmation."""
-    import matplotlib
+def _plot(result: dict, path: Path) -> bool:
+    """Each trial's score (bars; grey when no load level met the budget), and the confirmation.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    False, after saying so in one line, when matplotlib is not installed: the plot is optional.
+    """
+    from bench.plotting import pyplot
+
+    plt = pyplot(path)
+    if plt is None:
+        return False
     from matplotlib.patches import Patch
 
     trials = result["trials"]
@@ -381,6 +385,7 @@ def _plot(result: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return True
 
 
 def _trial_json(trial: Trial) -> dict:
@@ -453,12 +458,13 @@ def tune(args: argparse.Namespace) -> dict:
     report = args.output.with_name("tune-report")
     report.with_suffix(".json").write_text(json.dumps(result, indent=2))
     report.with_suffix(".md").write_text(_markdown(result))
-    _plot(result, report.with_suffix(".png"))
+    plotted = _plot(result, report.with_suffix(".png"))
     print(f"\nstart {confirmation['start']['throughput_rps']:.0f} req/s, tuned {confirmation['tuned']['throughput_rps']:.0f} "
           f"req/s side by side ({confirmation['ratio']:.2f}x) at {confirmation['concurrency']} in flight")
     print(f"chosen: {winner.describe()}")
     print(f"wrote {args.output}; serve with: hotpath serve {' '.join(serve_flags)}")
-    print(f"report: {report.with_suffix('.md')}, {report.with_suffix('.png')}, {report.with_suffix('.json')}")
+    files = [report.with_suffix(".md"), *([report.with_suffix(".png")] if plotted else []), report.with_suffix(".json")]
+    print(f"report: {', '.join(map(str, files))}")
     return result
 
 
