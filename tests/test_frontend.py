@@ -4,9 +4,11 @@ malformed messages, health Watch, cancelled streams) behave as grpcio clients ex
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -113,3 +115,51 @@ def test_a_cancelled_stream_leaves_the_server_serving(server):
         with futures.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda i: stub.ModelInfer(_add_sub_request(i), timeout=10), range(32)))
     assert [np.frombuffer(a.raw_output_contents[0], np.float32)[0] for a in answers] == [2.0 * i for i in range(32)]
+
+
+def _sigterm_under_load(tmp_path, start_server, delay_us: int, *flags: str) -> tuple[list, int, float]:
+    """Send 24 calls that sit in a `delay_us` queue, SIGTERM the server while they wait; return each
+    call's outcome (an output value or a status code), the exit code and the seconds the server took to exit."""
+    add_sub_model(tmp_path, config=f'name: "add_sub"\nmax_batch_size: 64\ndynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n'
+                                   'parameters [{ key: "batch_policy", value: { string_value: "delay" } }]\n')
+    server = start_server(tmp_path, *flags)
+    with grpc.insecure_channel(server.url) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        calls = [stub.ModelInfer.future(_add_sub_request(i), timeout=30) for i in range(24)]
+        time.sleep(0.3)
+        stopped = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        outcomes = []
+        for call in calls:
+            try:
+                outcomes.append(float(np.frombuffer(call.result().raw_output_contents[0], np.float32)[0]))
+            except grpc.RpcError as error:
+                outcomes.append(error.code())
+        code = server.proc.wait(timeout=30)
+    return outcomes, code, time.monotonic() - stopped
+
+
+def test_sigterm_finishes_every_accepted_call_within_the_grace_period(tmp_path, start_server):
+    outcomes, code, _ = _sigterm_under_load(tmp_path, start_server, 1_000_000, "--grace-s", "5")
+    assert outcomes == [2.0 * i for i in range(24)] and code == 0
+
+
+def test_calls_the_grace_period_cannot_finish_are_unavailable_not_cancelled(tmp_path, start_server):
+    outcomes, code, took_s = _sigterm_under_load(tmp_path, start_server, 20_000_000, "--grace-s", "0.5")
+    assert outcomes == [grpc.StatusCode.UNAVAILABLE] * 24 and code == 0
+    assert took_s < 10
+
+
+def test_the_drain_period_reports_not_serving_and_still_serves(tmp_path, start_server):
+    add_sub_model(tmp_path)
+    server = start_server(tmp_path, "--drain-s", "3")
+    with grpc.insecure_channel(server.url) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        response = stub.ModelInfer(_add_sub_request(4.0), timeout=10)
+        assert np.frombuffer(response.raw_output_contents[0], np.float32)[0] == 8.0
+    assert server.proc.wait(timeout=30) == 0

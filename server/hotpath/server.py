@@ -87,8 +87,14 @@ class Server:
                  self.settings.host, self.port, len(self.repository.served()), os.getpid(), threads)
 
     async def stop(self) -> None:
-        """Stop taking calls, let in-flight ones finish within the grace period, unload models."""
+        """Drain as Kubernetes expects: report NOT_SERVING and keep serving for the drain period, then
+        stop accepting, let accepted calls finish within the grace period, unload models (flushing
+        their drift windows) and export the last traces."""
         self.health.enter_graceful_shutdown()
+        if self.settings.drain_s > 0:
+            log.info("draining for %g s: health reports NOT_SERVING, calls are still served", self.settings.drain_s)
+            await asyncio.sleep(self.settings.drain_s)
+        self.health.end_watches()
         await self.frontend.stop(self.settings.grace_s)
         await self.repository.close()
         if self._cache_stats is not None:

@@ -63,8 +63,12 @@ class Settings:
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR."""
 
+    drain_s: float = 0.0
+    """On SIGTERM, how long to keep serving while health reports NOT_SERVING, so load balancers and
+    Kubernetes stop sending new calls before the listener closes."""
+
     grace_s: float = 5.0
-    """On shutdown, how long in-flight requests may take to finish."""
+    """After the drain, how long accepted requests may take to finish; the rest are answered UNAVAILABLE."""
 
 
 MAX_AUTO_GRPC_THREADS = 4

@@ -32,6 +32,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port-file", type=Path, metavar="PATH",
                        help="once listening, write the bound port (decimal, newline) to PATH, atomically; "
                             "with --port 0 this is how a launcher learns the port")
+    serve.add_argument("--drain-s", type=float, default=defaults.drain_s, metavar="SECONDS",
+                       help="on SIGTERM, keep serving this long while health reports NOT_SERVING, so balancers "
+                            f"stop sending calls first (default {defaults.drain_s:g})")
+    serve.add_argument("--grace-s", type=float, default=defaults.grace_s, metavar="SECONDS",
+                       help="then, how long accepted calls may take to finish; the rest are answered UNAVAILABLE "
+                            f"(default {defaults.grace_s:g})")
     serve.add_argument("--max-message-size", type=_size, default=DEFAULT_MAX_MESSAGE_BYTES,
                        help="largest request or response message (default 64MiB)")
     serve.add_argument("--cache-size", type=_size, default=defaults.cache_bytes,
@@ -65,6 +71,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.grpc_threads < 0:
         log.error("--grpc-threads must be at least 1 (or 0 to choose from the usable CPUs), got %d", args.grpc_threads)
         return 2
+    for flag, value in (("--drain-s", args.drain_s), ("--grace-s", args.grace_s)):
+        if not value >= 0:
+            log.error("%s must be a number of seconds >= 0, got %s", flag, value)
+            return 2
     if not 0 <= args.metrics_port <= 65535:
         log.error("--metrics-port must be a port number (0 turns the endpoint off), got %d", args.metrics_port)
         return 2
@@ -72,7 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
                         max_message_bytes=args.max_message_size, grpc_threads=args.grpc_threads, cpus=args.cpus,
                         pin_threads=args.pin_threads, require_gpu=args.require_gpu, log_level=args.log_level,
                         cache_bytes=args.cache_size, metrics_port=args.metrics_port, tracing=args.tracing,
-                        trace_endpoint=args.trace_endpoint, trace_sampling=args.trace_sampling)
+                        trace_endpoint=args.trace_endpoint, trace_sampling=args.trace_sampling,
+                        drain_s=args.drain_s, grace_s=args.grace_s)
     try:
         tracing = trace_settings(settings)
     except ValueError as exc:

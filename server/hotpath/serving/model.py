@@ -165,6 +165,8 @@ class Model:
             wait = queue.ready_in(now, busy)
             if wait < 0:
                 return
+            if self._closing:
+                wait = 0  # nothing more will join: run (or drop, when cancelled) what is queued now
             if wait > 0:
                 if self._armed_ns != now + wait:
                     self._armed_ns = now + wait
@@ -264,8 +266,10 @@ class Model:
             drained.set_result(None)
 
     async def close(self) -> None:
-        """Stop taking requests, let queued and running ones finish, then release the replicas."""
+        """Stop taking requests, run what is queued at once and let it finish, then release the replicas."""
         self._closing = True
+        if self._loop is not None:
+            self._dispatch()
         if len(self._queue) or self._running:
             if self._drained is None or self._drained.done():
                 self._drained = self._loop.create_future()

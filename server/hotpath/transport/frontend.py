@@ -33,6 +33,9 @@ MIN_CLIENT_PING_INTERVAL_MS = 10_000
 clients ping far less often)."""
 
 OK = grpc.StatusCode.OK.value[0]
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+SHUTDOWN_MARGIN_S = 1.0
+"""How long past the grace period gRPC waits for the UNAVAILABLE answers to go out before it cancels."""
 
 
 class FrontEnd:
@@ -44,7 +47,7 @@ class FrontEnd:
         self._unary: dict[str, tuple[Callable[[bytes], Message], UnaryHandler]] = {}
         self._streams: dict[str, StreamHandler] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[asyncio.Task, ServerCall] = {}
 
     def add_unary(self, method: str, request_type: type[Message], handler: UnaryHandler) -> None:
         """Serve `method` ("/package.Service/Method") by parsing its one message as `request_type`."""
@@ -98,12 +101,12 @@ class FrontEnd:
             return
         task = self._loop.create_task(coroutine)
         call.on_cancel = task.cancel
-        self._tasks.add(task)
+        self._tasks[task] = call
         task.add_done_callback(lambda done: self._closed(call, done))
 
     def _closed(self, call: ServerCall, task: asyncio.Task) -> None:
         """A handler ended: a call it left open (it raised) fails with INTERNAL rather than hanging."""
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         if call.finished:
             return
         error = None if task.cancelled() else task.exception()
@@ -114,12 +117,18 @@ class FrontEnd:
             call.finish(grpc.StatusCode.CANCELLED.value[0], "the server is shutting down")
 
     async def stop(self, grace_s: float) -> None:
-        """Stop accepting calls, let those in flight finish within `grace_s`, cancel the rest, stop gRPC's threads."""
-        await asyncio.to_thread(self._native.shutdown, grace_s)
-        for task in list(self._tasks):
-            task.cancel()
+        """Stop accepting calls, let those accepted finish within `grace_s`, then stop gRPC's threads.
+
+        A call still unanswered when the grace period ends is answered UNAVAILABLE, which clients
+        and retry policies treat as "try again elsewhere", never CANCELLED.
+        """
+        shutdown = asyncio.get_running_loop().run_in_executor(None, self._native.shutdown, grace_s + SHUTDOWN_MARGIN_S)
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=1.0)
+            await asyncio.wait(list(self._tasks), timeout=grace_s)
+        for task, call in list(self._tasks.items()):
+            call.finish(UNAVAILABLE, "the server is shutting down before it could answer; retry the call")
+            task.cancel()
+        await shutdown
         self._on_events()
         self._loop.remove_reader(self._native.fileno())
         self._native.close()

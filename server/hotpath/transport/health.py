@@ -41,6 +41,14 @@ class Health:
             self._notify(service)
         self._shutting_down = True
 
+    def end_watches(self) -> None:
+        """End every Watch stream (UNAVAILABLE: the client should watch another server)."""
+        for watchers in list(self._watchers.values()):
+            for call in list(watchers):
+                call.finish(grpc.StatusCode.UNAVAILABLE.value[0], "the server is shutting down")
+                if call.on_cancel is not None:
+                    call.on_cancel()
+
     def _notify(self, service: str) -> None:
         message = health_pb2.HealthCheckResponse(status=self._status[service]).SerializeToString()
         for call in self._watchers.get(service, ()):
