@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper
@@ -167,7 +168,7 @@ def test_raw_contents_count_differs_from_inputs(stub):
     (struct.pack("<I", 100) + b"abc", "element 0 of 4: length prefix says 100 bytes but only 3 remain"),
     (b"\x03\x00", "element 0 of 4: buffer ends at byte 2, inside its 4-byte length prefix"),
     (b"".join(struct.pack("<I", 1) + b"a" for _ in range(4)) + b"zz", "2 bytes left over after 4 elements"),
-    (b"".join(struct.pack("<I", 2) + b"\xff\xfe" for _ in range(4)), "not valid UTF-8"),
+    (b"".join(struct.pack("<I", 2) + b"\xff\xfe" for _ in range(4)), "element 0 of 4 must be valid UTF-8, got b'\\xff\\xfe'"),
 ])
 def test_malformed_bytes(stub, raw, expected):
     rejected(stub.ModelInfer, identity_request(raw_bytes=raw), INVALID, "input 'IN_BYTES'", expected)
@@ -180,7 +181,49 @@ def test_typed_contents_checked(stub):
     rejected(stub.ModelInfer, identity_request(typed={"IN_INT8": [1, 2, 3, 1000]}), INVALID,
              "input 'IN_INT8'", "values in [1, 1000], outside INT8's range [-128, 127]")
     rejected(stub.ModelInfer, identity_request(typed={"IN_BYTES": [b"ok", b"ok", b"ok", b"\xff"]}), INVALID,
-             "input 'IN_BYTES'", "not valid UTF-8")
+             "model 'identity' input 'IN_BYTES'", "element 3 of 4 must be valid UTF-8, got b'\\xff'", "string tensors hold only text")
+
+
+def test_raw_contents_mixed_with_typed_contents(stub):
+    both = add_sub_request()
+    both.inputs[1].contents.fp32_contents.extend([1.0] * 16)
+    rejected(stub.ModelInfer, both, INVALID, "model 'add_sub' input 'INPUT1'", "raw_input_contents, when used, must carry every input",
+             "expected no typed contents, got contents.fp32_contents (16 elements)")
+    typed_second = add_sub_request()
+    del typed_second.raw_input_contents[1]
+    typed_second.inputs[1].contents.fp32_contents.extend([1.0] * 16)
+    rejected(stub.ModelInfer, typed_second, INVALID, "input 'INPUT1'", "raw_input_contents, when used, must carry every input")
+    empty = add_sub_request()
+    empty.inputs[0].contents.SetInParent()
+    rejected(stub.ModelInfer, empty, INVALID, "input 'INPUT0'", "expected no typed contents, got an empty contents")
+
+
+def test_onnxruntime_string_tensors_hold_only_text():
+    """Why binary BYTES are refused: ORT's Python API cannot carry non-UTF-8 bytes in a string tensor, either way.
+
+    If this starts failing, ORT has learned to; `_text_array` in serving/codec.py can then pass bytes through.
+    """
+    x = helper.make_tensor_value_info("x", TensorProto.STRING, [None])
+    y = helper.make_tensor_value_info("y", TensorProto.STRING, [None])
+    model = _model([helper.make_node("Identity", ["x"], ["y"])], [x], [y])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def run(feed: np.ndarray) -> list:
+        return session.run(None, {"x": feed})[0].tolist()
+
+    assert run(np.array(["a", "bé"], dtype=object)) == ["a", "bé"]
+    assert run(np.array([b"\xff\x00"], dtype=object)) == ["b'\\xff\\x00'"]  # bytes go in as their repr
+    with pytest.raises(UnicodeDecodeError):
+        run(np.array([b"\xff\x00"], dtype="S2"))  # S arrays are read as UTF-8 text
+    with pytest.raises(UnicodeEncodeError):
+        run(np.array([b"\xff\x00".decode("utf-8", "surrogateescape")], dtype=object))
+    constant = helper.make_tensor("c", TensorProto.STRING, [1], [b"\xff\x00"])
+    model = _model([helper.make_node("Identity", ["c"], ["y"])], [], [y], [constant])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(UnicodeDecodeError):
+        session.run(None, {})  # nor can a string tensor holding non-UTF-8 bytes come back out
 
 
 def test_unknown_requested_output(stub):

@@ -17,14 +17,30 @@ from hotpath.serving._codec import BytesFormatError, join_bytes, split_bytes
 from hotpath.serving.config import TensorSpec
 
 
-def _text_array(name: str, items: list, shape: tuple[int, ...]) -> np.ndarray:
-    """BYTES elements as an object array of str: ONNX Runtime's string tensors carry UTF-8 text."""
+def _text_array(where: str, items: list, shape: tuple[int, ...]) -> np.ndarray:
+    """BYTES elements as an object array of str: ONNX Runtime's Python API carries string tensors only as UTF-8 text.
+
+    It feeds a `bytes` element as its repr, reads an `S` array as NUL-terminated UTF-8, refuses a str
+    holding surrogates, and cannot hand back a string tensor that is not UTF-8; so a BYTES element that
+    is not UTF-8 is refused here, by index (tests/test_errors.py pins that ORT behaviour).
+    """
     array = np.empty(len(items), dtype=object)
     try:
         array[:] = [item.decode() if isinstance(item, bytes) else item for item in items]
     except UnicodeDecodeError as exc:
-        raise InvalidArgument(f"input '{name}': BYTES element is not valid UTF-8 ({exc}); ONNX Runtime string tensors hold text") from None
+        index = next(i for i, item in enumerate(items) if isinstance(item, bytes) and not _is_utf8(item))
+        shown, more = items[index][:16], "..." if len(items[index]) > 16 else ""
+        raise InvalidArgument(f"{where}: BYTES element {index} of {len(items)} must be valid UTF-8, got {shown!r}{more} "
+                              f"({exc.reason} at byte {exc.start}); ONNX Runtime string tensors hold only text") from None
     return array.reshape(shape)
+
+
+def _is_utf8(item: bytes) -> bool:
+    try:
+        item.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
@@ -75,7 +91,7 @@ class ModelCodec:
                 items = split_bytes(raw, count)
             except BytesFormatError as exc:
                 raise InvalidArgument(f"{self._where(spec.name)}: malformed BYTES raw contents for shape {list(shape)}: {exc}") from None
-            return _text_array(spec.name, items, shape)
+            return _text_array(self._where(spec.name), items, shape)
         expected = count * datatype.itemsize
         if len(raw) != expected:
             raise InvalidArgument(f"{self._where(spec.name)}: raw contents hold {len(raw)} bytes, expected {expected} "
@@ -90,7 +106,7 @@ class ModelCodec:
             raise InvalidArgument(f"{self._where(spec.name)}: contents.{datatype.contents_field} holds {len(values)} elements, "
                                   f"expected {count} for shape {list(shape)}")
         if datatype.name == "BYTES":
-            return _text_array(spec.name, list(values), shape)
+            return _text_array(self._where(spec.name), list(values), shape)
         wide = np.asarray(values)
         if count and wide.dtype.kind in "iu" and wide.dtype.itemsize > datatype.itemsize:
             low, high = np.iinfo(datatype.dtype).min, np.iinfo(datatype.dtype).max
@@ -103,6 +119,12 @@ class ModelCodec:
         """The inputs in config order, the request's rows, and its batching key; raises InvalidArgument."""
         tensors = request.inputs
         raw = request.raw_input_contents
+        if raw:
+            for tensor in tensors:
+                if tensor.HasField("contents"):
+                    given = ", ".join(f"contents.{field.name} ({len(values)} elements)" for field, values in tensor.contents.ListFields())
+                    raise InvalidArgument(f"{self._where(tensor.name)}: raw_input_contents, when used, must carry every input; "
+                                          f"expected no typed contents, got {given or 'an empty contents'}")
         if raw and len(raw) != len(tensors):
             raise InvalidArgument(f"model '{self.name}': {len(raw)} raw_input_contents for {len(tensors)} inputs; "
                                   "send one raw entry per input, in the order of `inputs`")
