@@ -142,7 +142,7 @@ async def serve(settings: Settings, repository_path: Path, port_file: Path | Non
     metrics = None
     try:
         if settings.metrics_port:
-            metrics = MetricsEndpoint(server.stats, settings.host, settings.metrics_port)
+            metrics = MetricsEndpoint(server.stats, settings.host, settings.metrics_port, index=server.repository.index)
             metrics.start()
             log.info("Prometheus metrics at http://%s:%d/metrics", settings.host, metrics.port)
         await server.start()

@@ -1,7 +1,7 @@
 """Per-model statistics in Triton's shape, kept as counters in one flat int64 array.
 
 Beyond Triton's statistics the array holds what the Prometheus endpoint (`metrics.py`) shows:
-failures by gRPC status, fixed-bucket duration histograms, and gauges.
+failures by gRPC status, fixed-bucket duration histograms (successes and failures apart), and gauges.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ from hotpath._proto import grpc_service_pb2 as pb
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
 """Triton's InferStatistics durations; each is a (count, ns) pair of counters."""
 
-DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-"""Upper bounds, in seconds, of the request, queue and compute duration histograms (then +Inf)."""
+DURATION_BUCKETS = (0.00001, 0.00002, 0.00003, 0.00004, 0.00005, 0.00006, 0.00008, 0.0001, 0.00015, 0.0002, 0.00025, 0.0003, 0.0004,
+                    0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds, in seconds, of the duration histograms (then +Inf): 10 us steps up to 60 us, so a
+tiny model's requests spread over buckets instead of all landing in the first one."""
 
-HISTOGRAMS = ("request", "queue", "compute")
-"""Duration histograms: request (whole request), queue (per request), compute (per batch execution)."""
+HISTOGRAMS = ("request", "failure", "queue", "compute")
+"""Duration histograms: request (whole successful request), failure (whole failed request), queue
+(per request), compute (per batch execution)."""
 
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 """gRPC status number -> name, the reasons a request can fail with."""
@@ -72,7 +75,7 @@ class ModelStats:
     def request_done(self, success: bool, ns: int, rows: int, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> None:
         """Count one finished request of `rows` rows; a failed one under its gRPC status `code`."""
         c = self.counters
-        c[HISTOGRAM["request"] + bisect_left(_BUCKETS_NS, ns)] += 1
+        c[HISTOGRAM["request" if success else "failure"] + bisect_left(_BUCKETS_NS, ns)] += 1
         if success:
             self.add("success", ns)
             c[INFERENCE_COUNT] += rows
