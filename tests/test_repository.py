@@ -260,3 +260,28 @@ def test_load_with_a_config_override_is_refused_not_ignored(tmp_path, start_serv
             client.load_model("add_sub", config='{"max_batch_size": 4}')
         client.unload_model("add_sub", unload_dependents=True)
         assert not client.is_model_ready("add_sub")
+
+
+def test_broken_drift_setups_fail_their_load_and_nothing_else(tmp_path, start_server):
+    """A reference.json holding [] and a drift output_dir that cannot be created used to raise
+    something other than a LoadError: the server did not start, or a RepositoryModelLoad of them
+    never answered. Now each model fails alone, with the reason, and the server goes on."""
+    add_sub_model(tmp_path, "fine")
+    add_sub_model(tmp_path, "bad_reference", config='name: "bad_reference"\nmax_batch_size: 8\ndrift { enable: true }\n')
+    (tmp_path / "bad_reference" / "drift").mkdir()
+    (tmp_path / "bad_reference" / "drift" / "reference.json").write_text("[]")
+    (tmp_path / "a_file").write_text("not a directory")
+    add_sub_model(tmp_path, "bad_output", config=f'name: "bad_output"\nmax_batch_size: 8\n'
+                                                 f'drift {{ enable: true output_dir: "{tmp_path / "a_file" / "windows"}" }}\n')
+    server = start_server(tmp_path)
+    with grpcclient.InferenceServerClient(server.url) as client:
+        states = {m.name: m.state for m in client.get_model_repository_index().models}
+        assert states == {"fine": "READY", "bad_reference": "UNAVAILABLE", "bad_output": "UNAVAILABLE"}, states
+        for name in ("bad_reference", "bad_output", "x" * 300):
+            with pytest.raises(InferenceServerException) as raised:
+                client.load_model(name, client_timeout=10)
+            assert raised.value.status() in ("StatusCode.INTERNAL", "StatusCode.INVALID_ARGUMENT"), raised.value
+            assert "x" * 60 not in raised.value.message(), "a long name is not echoed whole"
+        client.unload_model("fine", client_timeout=10)
+        client.load_model("fine", client_timeout=10)
+        assert client.is_model_ready("fine")

@@ -24,10 +24,15 @@ from hotpath.settings import Settings
 log = logging.getLogger(__name__)
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+MAX_NAME_LENGTH = 255
+"""Longest model name: a directory name on every common filesystem (NAME_MAX)."""
 
 
 def check_model_name(name: str) -> str:
     """Refuse any name that is not a plain directory name, so no request reads outside the repository."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgument(f"invalid model name {name[:40]!r}... ({len(name)} characters): a model name is a directory name "
+                              f"of at most {MAX_NAME_LENGTH} characters")
     if not _PLAIN_NAME.fullmatch(name) or ".." in name:
         raise InvalidArgument(f"invalid model name {name!r}: use letters, digits, '_', '-' and '.', without path separators or '..'")
     return name
@@ -103,11 +108,15 @@ class ModelRepository:
                 for version in versions:
                     loaded[version] = await asyncio.to_thread(
                         Model.load, name, version, model_dir / str(version) / filename, config, self.settings, self.store)
-            except LoadError as exc:
-                entry.reason = exc.message
+            except Exception as exc:
+                error = exc if isinstance(exc, LoadError) else LoadError(
+                    f"model '{name}' failed to load: {type(exc).__name__}: {exc}")
+                if error is not exc:
+                    log.exception("model '%s': unexpected error while loading", name)
+                entry.reason = error.message
                 if not entry.versions:
                     entry.state = "UNAVAILABLE"
-                raise
+                raise error from None
             retired = list(entry.versions.values())
             entry.versions = loaded
             entry.state, entry.reason = "READY", ""
