@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import grpc_service_pb2_grpc
 from hotpath.serving.datatypes import DATATYPES
-from models import IDENTITY_TYPES, _model, _save
+from models import IDENTITY_TYPES, _model, _save, identity_model
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -332,3 +332,16 @@ def test_server_survives_the_barrage(stub, server):
     np.testing.assert_array_equal(out["OUTPUT1"], x - 1)
     assert server.proc.poll() is None
     assert "Traceback" not in server.output(), server.output()
+
+
+@pytest.mark.parametrize("datatype", ["BYTES", "FP32"])
+def test_a_shape_whose_product_overflows_is_invalid_not_internal(tmp_path, start_server, datatype):
+    identity_model(tmp_path, "wide", dims=(-1,))
+    server = start_server(tmp_path)
+    request = pb.ModelInferRequest(model_name="wide")
+    request.inputs.add(name=f"IN_{datatype}", datatype=datatype, shape=[2, 2**63 - 1])
+    request.raw_input_contents.append(b"\x00" * 16)
+    with grpc.insecure_channel(server.url) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        rejected(stub.ModelInfer, request, INVALID, f"input 'IN_{datatype}'", f"shape [2, {2**63 - 1}] holds",
+                 "more than any request can carry")

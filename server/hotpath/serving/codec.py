@@ -47,6 +47,11 @@ def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
     return len(expected) == len(got) and all(e == -1 or e == g for e, g in zip(expected, got))
 
 
+MAX_ELEMENTS = 2**31 - 1
+"""Most elements an input's shape may claim: a protobuf message is under 2 GiB, so no request carries more,
+and a larger claim must be refused before anything is sized from it."""
+
+
 class ModelCodec:
     """Turns ModelInfer requests into one model version's input arrays and its outputs into responses.
 
@@ -72,6 +77,9 @@ class ModelCodec:
     def _shape(self, spec: TensorSpec, shape: tuple[int, ...]) -> int:
         if any(d < 0 for d in shape):
             raise InvalidArgument(f"{self._where(spec.name)}: shape {list(shape)} has a negative dim")
+        if math.prod(shape) > MAX_ELEMENTS:
+            raise InvalidArgument(f"{self._where(spec.name)}: shape {list(shape)} holds {math.prod(shape)} elements, more than "
+                                  f"any request can carry (a protobuf message is under 2 GiB)")
         if self.batched:
             if len(shape) != len(spec.dims) + 1 or not _dims_match(spec.dims, shape[1:]):
                 raise InvalidArgument(f"{self._where(spec.name)}: expected shape {[-1, *spec.dims]} (batch first), got {list(shape)}")
