@@ -22,7 +22,7 @@ from hotpath.serving.repository import ModelRepository
 from hotpath.settings import Settings, grpc_threads
 from hotpath.transport._frontend import ServerCall
 from hotpath.transport.frontend import OK, FrontEnd
-from hotpath.transport.health import NOT_SERVING, SERVING, Health
+from hotpath.transport.health import NOT_SERVING, SERVICE as HEALTH_SERVICE, SERVING, Health
 from hotpath.transport.servicer import SERVICE, InferenceServicer
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,8 @@ class Server:
         self.repository.on_change.append(self._on_model_change)
         self.frontend = FrontEnd(settings)
         InferenceServicer(self.dataplane, self.tracing).register(self.frontend)
-        self.frontend.add_unary(f"/{health_pb2.DESCRIPTOR.services_by_name['Health'].full_name}/Check",
-                                health_pb2.HealthCheckRequest, self.health.check)
-        self.frontend.add_stream(f"/{health_pb2.DESCRIPTOR.services_by_name['Health'].full_name}/Watch", self.health.watch)
-        self._reflection = reflection.ReflectionServicer(
-            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), pool=POOL)
+        self.health.register(self.frontend)
+        self._reflection = reflection.ReflectionServicer((SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), pool=POOL)
         self.frontend.add_stream(REFLECTION, self._reflect)
         self.port = 0
         self._cache_stats: asyncio.Task | None = None

@@ -102,11 +102,11 @@ class FrontEnd:
         task = self._loop.create_task(coroutine)
         call.on_cancel = task.cancel
         self._tasks[task] = call
-        task.add_done_callback(lambda done: self._closed(call, done))
+        task.add_done_callback(self._closed)
 
-    def _closed(self, call: ServerCall, task: asyncio.Task) -> None:
+    def _closed(self, task: asyncio.Task) -> None:
         """A handler ended: a call it left open (it raised) fails with INTERNAL rather than hanging."""
-        self._tasks.pop(task, None)
+        call = self._tasks.pop(task)
         if call.finished:
             return
         error = None if task.cancelled() else task.exception()

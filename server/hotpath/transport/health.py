@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from hotpath.transport._frontend import ServerCall
+from hotpath.transport.frontend import FrontEnd
 
 SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -26,6 +27,11 @@ class Health:
         self._status: dict[str, int] = {}
         self._watchers: dict[str, set[ServerCall]] = {}
         self._shutting_down = False
+
+    def register(self, frontend: FrontEnd) -> None:
+        """Serve Check and Watch on `frontend`."""
+        frontend.add_unary(f"/{SERVICE}/Check", health_pb2.HealthCheckRequest, self.check)
+        frontend.add_stream(f"/{SERVICE}/Watch", self.watch)
 
     def set(self, service: str, status: int) -> None:
         """Set a service's status and tell its watchers when it changed; ignored once shutting down."""

@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 OK = grpc.StatusCode.OK.value[0]
-CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 
 Handler = Callable[[Message, ServerCall, "Span | None"], Awaitable[Message]]
 """One unary RPC's meaning: its response to a request, or an InferenceError."""
