@@ -27,7 +27,7 @@ from pathlib import Path
 GENERATOR = "grpcio-tools==1.76.0"
 GENCODE_MAJOR = 6
 PROTO_DIR = Path(__file__).resolve().parent
-PROTO_FILES = ("model_config.proto", "grpc_service.proto")
+PROTO_FILES = ("model_config.proto", "grpc_service.proto", "evaluation.proto")
 TARGETS = (
     PROTO_DIR.parent / "server" / "hotpath" / "_proto",
     PROTO_DIR.parent / "clients" / "python" / "hotpath_client" / "_proto",

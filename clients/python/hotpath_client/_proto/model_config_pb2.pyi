@@ -193,8 +193,28 @@ class ModelDriftConfig(_message.Message):
     skip_outputs: bool
     def __init__(self, enable: bool = ..., window_seconds: _Optional[int] = ..., output_dir: _Optional[str] = ..., categorical_inputs: _Optional[_Iterable[str]] = ..., projections: _Optional[_Iterable[str]] = ..., skip_outputs: bool = ...) -> None: ...
 
+class ModelEvaluationConfig(_message.Message):
+    __slots__ = ("sample_rate", "store", "max_age_seconds", "max_size_bytes", "queue_size", "task", "prediction_output", "probability_output")
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    sample_rate: float
+    store: str
+    max_age_seconds: int
+    max_size_bytes: int
+    queue_size: int
+    task: str
+    prediction_output: str
+    probability_output: str
+    def __init__(self, sample_rate: _Optional[float] = ..., store: _Optional[str] = ..., max_age_seconds: _Optional[int] = ..., max_size_bytes: _Optional[int] = ..., queue_size: _Optional[int] = ..., task: _Optional[str] = ..., prediction_output: _Optional[str] = ..., probability_output: _Optional[str] = ...) -> None: ...
+
 class ModelConfig(_message.Message):
-    __slots__ = ("name", "platform", "backend", "version_policy", "max_batch_size", "input", "output", "dynamic_batching", "instance_group", "default_model_filename", "parameters", "response_cache", "drift")
+    __slots__ = ("name", "platform", "backend", "version_policy", "max_batch_size", "input", "output", "dynamic_batching", "instance_group", "default_model_filename", "parameters", "response_cache", "drift", "evaluation")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +235,7 @@ class ModelConfig(_message.Message):
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
     DRIFT_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     platform: str
     backend: str
@@ -228,4 +249,5 @@ class ModelConfig(_message.Message):
     parameters: _containers.MessageMap[str, ModelParameter]
     response_cache: ModelResponseCache
     drift: ModelDriftConfig
-    def __init__(self, name: _Optional[str] = ..., platform: _Optional[str] = ..., backend: _Optional[str] = ..., version_policy: _Optional[_Union[ModelVersionPolicy, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., input: _Optional[_Iterable[_Union[ModelInput, _Mapping]]] = ..., output: _Optional[_Iterable[_Union[ModelOutput, _Mapping]]] = ..., dynamic_batching: _Optional[_Union[ModelDynamicBatching, _Mapping]] = ..., instance_group: _Optional[_Iterable[_Union[ModelInstanceGroup, _Mapping]]] = ..., default_model_filename: _Optional[str] = ..., parameters: _Optional[_Mapping[str, ModelParameter]] = ..., response_cache: _Optional[_Union[ModelResponseCache, _Mapping]] = ..., drift: _Optional[_Union[ModelDriftConfig, _Mapping]] = ...) -> None: ...
+    evaluation: ModelEvaluationConfig
+    def __init__(self, name: _Optional[str] = ..., platform: _Optional[str] = ..., backend: _Optional[str] = ..., version_policy: _Optional[_Union[ModelVersionPolicy, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., input: _Optional[_Iterable[_Union[ModelInput, _Mapping]]] = ..., output: _Optional[_Iterable[_Union[ModelOutput, _Mapping]]] = ..., dynamic_batching: _Optional[_Union[ModelDynamicBatching, _Mapping]] = ..., instance_group: _Optional[_Iterable[_Union[ModelInstanceGroup, _Mapping]]] = ..., default_model_filename: _Optional[str] = ..., parameters: _Optional[_Mapping[str, ModelParameter]] = ..., response_cache: _Optional[_Union[ModelResponseCache, _Mapping]] = ..., drift: _Optional[_Union[ModelDriftConfig, _Mapping]] = ..., evaluation: _Optional[_Union[ModelEvaluationConfig, _Mapping]] = ...) -> None: ...
