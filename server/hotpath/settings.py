@@ -1,4 +1,4 @@
-"""Server-wide settings: one object, filled from the command line, documented field by field.
+"""Server-wide settings: one object, filled from the command line (or its HOTPATH_* variables), documented field by field.
 
 Per-model settings live in each model's `config.pbtxt` (see `config.py`).
 """
@@ -62,6 +62,9 @@ class Settings:
 
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR."""
+
+    log_format: str = "text"
+    """"text" lines, or "json": one JSON object per line (time, level, role, logger, message) for log collectors."""
 
     drain_s: float = 0.0
     """On SIGTERM, how long to keep serving while health reports NOT_SERVING, so load balancers and

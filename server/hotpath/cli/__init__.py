@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from hotpath import __version__
+from hotpath.cli import health
+from hotpath.cli.environment import exit_on_invalid, read_environment
 from hotpath.drift.cli import add_commands as add_drift_commands
 from hotpath.observability.logs import configure_logging
 from hotpath.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, available_cpus, grpc_threads, parse_size
@@ -25,7 +27,10 @@ def _size(text: str) -> int:
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     defaults = Settings()
-    serve = subparsers.add_parser("serve", help="serve a model repository over gRPC (the demo model when none is given)")
+    serve = subparsers.add_parser("serve", help="serve a model repository over gRPC (the demo model when none is given)",
+                                  epilog="Every flag can also be set by its environment variable, HOTPATH_ and the flag's "
+                                         "name (--model-repository: HOTPATH_MODEL_REPOSITORY, --pin-threads: "
+                                         "HOTPATH_PIN_THREADS=1); a flag given on the command line beats its variable.")
     serve.add_argument("--model-repository", type=Path, help="Triton-layout model repository; omit to serve the built-in demo model")
     serve.add_argument("--host", default=defaults.host, help=f"address to listen on (default {defaults.host}; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=defaults.port, help=f"gRPC port (default {defaults.port})")
@@ -59,7 +64,10 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                        help="fraction of calls without a sampled caller that start a trace (default: OTEL_TRACES_SAMPLER_ARG, else 0.01)")
     serve.add_argument("--no-trace", dest="tracing", action="store_false", help="turn tracing off whatever OTEL_* says")
     serve.add_argument("--log-level", default=defaults.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-format", default=defaults.log_format, choices=["text", "json"],
+                       help="text lines, or one JSON object per line for log collectors (default text)")
     serve.set_defaults(func=_serve)
+    read_environment(serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -83,7 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
                         pin_threads=args.pin_threads, require_gpu=args.require_gpu, log_level=args.log_level,
                         cache_bytes=args.cache_size, metrics_port=args.metrics_port, tracing=args.tracing,
                         trace_endpoint=args.trace_endpoint, trace_sampling=args.trace_sampling,
-                        drain_s=args.drain_s, grace_s=args.grace_s)
+                        drain_s=args.drain_s, grace_s=args.grace_s, log_format=args.log_format)
     try:
         tracing = trace_settings(settings)
     except ValueError as exc:
@@ -161,12 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     _add_tune(subparsers)
     add_drift_commands(subparsers)
+    health.add_command(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    configure_logging(getattr(args, "log_level", "INFO"))
+    exit_on_invalid(args)
+    configure_logging(getattr(args, "log_level", "INFO"), log_format=getattr(args, "log_format", "text"))
     sys.exit(args.func(args))
 
 

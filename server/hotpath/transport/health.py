@@ -1,6 +1,8 @@
 """grpc.health.v1: the serving status of the server ("") and of each model, for Check and Watch.
 
 Kubernetes' gRPC probes, grpc-health-probe and load balancers call Check; Watch streams each change.
+Readiness is "" (every model loaded and serving) and each model's name; liveness is LIVENESS, which is
+SERVING for as long as the process runs, so a model that fails to load never restart-loops a pod.
 Touched only on the event loop's thread.
 """
 
@@ -18,13 +20,15 @@ SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+LIVENESS = "liveness"
+"""The service name of liveness: SERVING while the process runs, draining included."""
 
 
 class Health:
-    """Statuses by service name, and the Watch streams waiting for their changes."""
+    """Statuses by service name, and the Watch streams waiting for their changes; LIVENESS is always SERVING."""
 
     def __init__(self) -> None:
-        self._status: dict[str, int] = {}
+        self._status: dict[str, int] = {LIVENESS: SERVING}
         self._watchers: dict[str, set[ServerCall]] = {}
         self._shutting_down = False
 
@@ -35,14 +39,15 @@ class Health:
 
     def set(self, service: str, status: int) -> None:
         """Set a service's status and tell its watchers when it changed; ignored once shutting down."""
-        if self._shutting_down or self._status.get(service) == status:
+        if self._shutting_down or service == LIVENESS or self._status.get(service) == status:
             return
         self._status[service] = status
         self._notify(service)
 
     def enter_graceful_shutdown(self) -> None:
-        """Report every service NOT_SERVING from now on, so balancers and probes stop sending calls."""
-        for service in self._status:
+        """Report every service but LIVENESS NOT_SERVING from now on, so balancers and readiness probes
+        stop sending calls while the process, still live, finishes what it accepted."""
+        for service in self._status.keys() - {LIVENESS}:
             self._status[service] = NOT_SERVING
             self._notify(service)
         self._shutting_down = True
