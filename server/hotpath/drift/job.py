@@ -3,10 +3,12 @@
 Data-quality rules run first (missing values, NaN/inf, out-of-range values, unseen categories);
 then, for features with enough values, four distances between the reference and span histograms:
 KS (on the binned CDFs, with an upper bound on the unbinned statistic), D1 (L1 distance of the
-normalised histograms, 0..2), PSI and Jensen-Shannon distance (base 2, 0..1). Each has a fixed,
-documented threshold, overridable per feature. A feature drifts when any distance is over its
-threshold; the model alerts when any data-quality rule fires or when at least `alert_share` of the
-features with enough data drift.
+normalised histograms, 0..2), PSI and Jensen-Shannon distance (base 2, 0..1). A distance counts
+only above both its effect-size threshold and what sampling noise gives at the reference's and the
+span's sizes (see `distances`), so a small reference raises no false alarms. A feature drifts when
+any distance does; the model alerts on a data-quality rule, on a severe drift (PSI over psi_alert),
+on any drift of a feature marked important, or when at least `alert_share` of the inputs (or of the
+outputs) with enough data drift.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Iterable
 
 import numpy as np
 
+from hotpath.drift.distances import (METRICS, NoiseModel, categorical_detectable_shift, distances,
+                                     numeric_detectable_shift)
 from hotpath.drift.features import DriftError
 from hotpath.drift.files import parse_utc, utc_iso
 from hotpath.drift.recorder import WINDOW_SCHEMA
@@ -29,22 +33,28 @@ from hotpath.drift.stats import merge_feature
 
 DEFAULT_SPAN_SECONDS = 3600
 DEFAULT_ALERT_SHARE = 0.1
-PSI_FLOOR = 1e-4
-"""Smallest bin share PSI uses, so that an empty bin gives a large but finite term."""
+STATUS_ORDER = ("alert", "warn", "ok", "too_small", "no_data")
+"""Feature statuses, most severe first: the order of the terminal table and the report."""
+MAX_REASONS = 10
+"""Most alert reasons the terminal summary lists; the JSON has them all."""
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a feature is flagged. Distances alert above their threshold; rule tolerances are shares
+    """When a feature is flagged. A distance drifts above its effect-size threshold here and above
+    its noise threshold (what no-drift spans of that size stay under); rule tolerances are shares
     (0.01 = one percentage point) allowed above what the reference shows."""
 
-    ks: float = 0.1
-    d1: float = 0.2
+    ks: float = 0.05
+    """About a 0.13 sigma mean shift of a normal feature."""
+    d1: float = 0.1
     psi_warn: float = 0.1
+    """PSI above this (and above noise) is drift."""
     psi_alert: float = 0.25
-    js: float = 0.1
+    """PSI above this (and above noise) is a severe drift: it alerts the model on its own."""
+    js: float = 0.05
     out_of_range: float = 0.05
     """Share of values outside the reference's [min, max]."""
     missing: float = 0.01
@@ -52,6 +62,8 @@ class Thresholds:
     unseen: float = 0.0
     min_count: int = 1000
     """Fewer values than this in a span: the feature is reported as too small, not as drifting."""
+    important: bool = False
+    """Any drift of this feature alerts the model, however mild."""
 
 
 @dataclass(frozen=True)
@@ -100,19 +112,37 @@ def parse_duration(text: str) -> float:
 
 @dataclass
 class FeatureResult:
-    """One feature in one span: its status, what was found and the distances."""
+    """One feature in one span: its status, what was found, the distances and what they were held to."""
 
     name: str
     role: str
     kind: str
     status: str
-    """"ok", "warn", "alert", "too_small" or "no_data"."""
+    """"ok", "warn" (drift), "alert" (severe drift, drift of an important feature or a data-quality
+    rule), "too_small" or "no_data"."""
     count: int
     drifted: bool = False
+    severe: bool = False
     findings: list[str] = field(default_factory=list)
     quality: list[str] = field(default_factory=list)
     """The data-quality rules that fired (a subset of the findings' topics)."""
     metrics: dict[str, float] | None = None
+    limits: dict[str, float] | None = None
+    """Per distance, the threshold it was held to: the larger of the effect size and the noise threshold."""
+    noise: dict[str, float] | None = None
+    """Per distance, what NOISE_QUANTILE of no-drift spans of this size stay under."""
+    fired: str | None = None
+    """The distance furthest over its limit (or nearest to it), as in "KS 0.214 > 0.05"."""
+    severity: float = 0.0
+    """The largest distance-to-limit ratio; over 1 is drift."""
+    detectable_shift: dict[str, float] | None = None
+    """The smallest shift these sizes can tell from noise: for numeric features `sigma` (a mean shift
+    in reference standard deviations) and `value` (in the feature's units); for categorical ones
+    `share` (values moved from the most frequent category to the next)."""
+    reference_mean: float | None = None
+    reference_std: float | None = None
+    current_mean: float | None = None
+    current_std: float | None = None
     reference_shares: list[float] | None = None
     current_shares: list[float] | None = None
 
@@ -128,8 +158,12 @@ class SpanResult:
     dropped_rows: int
     status: str
     """"ok", "warn", "alert", "too_small" or "empty"."""
-    drifted_share: float
+    drifted: dict[str, list[int]]
+    """Per role ("input", "output"): [features that drift, features with enough values to judge]."""
+    reasons: list[str]
+    """Why the span alerts, in words; empty unless it does."""
     features: list[FeatureResult]
+    """Most severe first."""
 
 
 @dataclass
@@ -155,25 +189,6 @@ class DriftResult:
         return {"schema": "hotpath.drift.result", "alert": self.alert, **asdict(self)}
 
 
-def distances(reference: np.ndarray, current: np.ndarray, ordered: bool) -> dict[str, float]:
-    """KS (ordered bins only), D1, PSI and JS distance between two histograms of counts."""
-    p = reference / reference.sum()
-    q = current / current.sum()
-    result = {"d1": float(np.abs(p - q).sum())}
-    pf, qf = np.maximum(p, PSI_FLOOR), np.maximum(q, PSI_FLOOR)
-    result["psi"] = float(((qf - pf) * np.log(qf / pf)).sum())
-    m = (p + q) / 2
-    divergence = 0.5 * sum(float((a[a > 0] * np.log2(a[a > 0] / m[a > 0])).sum()) for a in (p, q))
-    result["js"] = math.sqrt(max(divergence, 0.0))
-    if ordered:
-        gap = np.concatenate([[0.0], np.cumsum(p - q)])
-        gap[-1] = 0.0
-        result["ks"] = float(np.abs(gap).max())
-        within = np.maximum(np.abs(gap[:-1]), np.abs(gap[1:])) + np.maximum(p, q)
-        result["ks_bound"] = float(min(within.max(), 1.0))
-    return result
-
-
 def _share(part: float, whole: float) -> float:
     return part / whole if whole else 0.0
 
@@ -182,7 +197,47 @@ def _percent(x: float) -> str:
     return f"{100 * x:.3g}%"
 
 
-def evaluate_feature(name: str, reference: dict, current: dict | None, limits: Thresholds) -> FeatureResult:
+def moments(counts: dict) -> tuple[float | None, float | None]:
+    """Mean and standard deviation of a numeric feature's finite values, from a window's sums."""
+    finite = counts["count"] - counts["missing"] - counts["nan"] - counts.get("inf", 0)
+    if finite <= 0:
+        return None, None
+    mean = counts["sum"] / finite
+    return mean, math.sqrt(max(counts["sum_squares"] / finite - mean * mean, 0.0))
+
+
+def _judge_distances(result: FeatureResult, reference: dict, ref_hist: np.ndarray, cur_hist: np.ndarray,
+                     limits: Thresholds, noise: NoiseModel) -> None:
+    ordered = result.kind == "numeric"
+    values = int(cur_hist.sum())
+    result.metrics = distances(ref_hist, cur_hist, ordered)
+    result.noise = noise.thresholds(result.name, ref_hist, values, ordered)
+    effect = {"ks": limits.ks, "d1": limits.d1, "psi": limits.psi_warn, "js": limits.js}
+    result.limits = {metric: max(effect[metric], result.noise[metric]) for metric in METRICS if metric in result.noise}
+    ratios = {metric: result.metrics[metric] / limit if limit > 0 else 0.0 for metric, limit in result.limits.items()}
+    result.fired = max(ratios, key=ratios.get)
+    result.severity = ratios[result.fired]
+    result.drifted = result.severity > 1.0
+    result.severe = result.metrics["psi"] > max(limits.psi_alert, result.noise["psi"])
+    result.findings.extend(f"{metric.upper()} {result.metrics[metric]:.3f} > {limit:.3g}"
+                           f"{' (noise)' if limit == result.noise[metric] else ''}"
+                           for metric, limit in result.limits.items() if ratios[metric] > 1.0)
+    if result.severe:
+        result.findings.append(f"severe: PSI {result.metrics['psi']:.3f} > psi_alert {limits.psi_alert}")
+    if ordered:
+        shift = numeric_detectable_shift(reference, result.limits, result.reference_std or 0.0)
+        if shift is not None:
+            result.detectable_shift = {"sigma": shift, "value": shift * result.reference_std}
+    else:
+        shift = categorical_detectable_shift(ref_hist[:-1], result.limits)
+        if shift is not None:
+            result.detectable_shift = {"share": shift}
+    result.reference_shares = (ref_hist / ref_hist.sum()).tolist()
+    result.current_shares = (cur_hist / values).tolist()
+
+
+def evaluate_feature(name: str, reference: dict, current: dict | None, limits: Thresholds,
+                     noise: NoiseModel) -> FeatureResult:
     """Compare one feature's span counts with its reference counts."""
     kind = reference["kind"]
     if current is None:
@@ -192,6 +247,8 @@ def evaluate_feature(name: str, reference: dict, current: dict | None, limits: T
              ("nan", "NaN or inf", current["nan"] + current.get("inf", 0), current["count"],
               reference["nan"] + reference.get("inf", 0), reference["count"])]
     if kind == "numeric":
+        result.reference_mean, result.reference_std = moments(reference)
+        result.current_mean, result.current_std = moments(current)
         ref_hist = np.asarray(reference["bins"], dtype=np.float64)
         cur_hist = np.asarray(current["bins"], dtype=np.float64)
         outside = current["below"] + current["above"]
@@ -215,19 +272,19 @@ def evaluate_feature(name: str, reference: dict, current: dict | None, limits: T
         result.status = "alert" if result.quality else "too_small"
         result.findings.append(f"{values} values, fewer than min_count {limits.min_count}: distances not computed")
         return result
-    result.metrics = distances(ref_hist, cur_hist, ordered=kind == "numeric")
-    result.reference_shares = (ref_hist / ref_hist.sum()).tolist()
-    result.current_shares = (cur_hist / values).tolist()
-    over = [(metric, limit) for metric, limit in (("ks", limits.ks), ("d1", limits.d1), ("psi", limits.psi_alert),
-                                                  ("js", limits.js)) if result.metrics.get(metric, 0.0) > limit]
-    result.drifted = bool(over)
-    result.findings.extend(f"{metric.upper()} {result.metrics[metric]:.3f} > {limit}" for metric, limit in over)
-    if result.quality or result.drifted:
+    _judge_distances(result, reference, ref_hist, cur_hist, limits, noise)
+    if result.drifted and limits.important:
+        result.findings.append("important feature: any drift alerts")
+    if result.quality or result.severe or (result.drifted and limits.important):
         result.status = "alert"
-    elif result.metrics["psi"] > limits.psi_warn:
+    elif result.drifted:
         result.status = "warn"
-        result.findings.append(f"PSI {result.metrics['psi']:.3f} > {limits.psi_warn} (warn)")
     return result
+
+
+def severity_order(feature: FeatureResult) -> tuple[int, float, str]:
+    """Sort key putting the most severe features first: by status, then distance-to-limit ratio."""
+    return STATUS_ORDER.index(feature.status), -(math.inf if feature.quality else feature.severity), feature.name
 
 
 def read_windows(directory: Path, model: str, version: int | None = None) -> tuple[list[dict], list[str]]:
@@ -269,29 +326,35 @@ def span_bounds(windows: list[dict], span: float, step: float, last: float, unti
     return bounds
 
 
+ROLES = ("input", "output")
+
+
+def _span_verdict(features: list[FeatureResult], rows: int, alert_share: float) -> tuple[str, dict[str, list[int]], list[str]]:
+    drifted = {role: [sum(f.drifted for f in features if f.role == role and f.metrics is not None),
+                      sum(f.metrics is not None for f in features if f.role == role)] for role in ROLES}
+    reasons = [f"{f.name}: {'; '.join(f.findings)}" for f in features if f.status == "alert"]
+    reasons += [f"{count} of {judged} {role}s drift (at least {_percent(alert_share)})"
+                for role, (count, judged) in drifted.items() if count and _share(count, judged) >= alert_share]
+    if rows == 0:
+        return "empty", drifted, []
+    if reasons:
+        return "alert", drifted, reasons
+    if not any(judged for _, judged in drifted.values()):
+        return "too_small", drifted, []
+    return ("warn" if any(f.drifted for f in features) else "ok"), drifted, []
+
+
 def evaluate_span(reference: Reference, windows: list[dict], start: float, end: float,
-                  thresholds: ThresholdSet, alert_share: float) -> SpanResult:
+                  thresholds: ThresholdSet, alert_share: float, noise: NoiseModel) -> SpanResult:
     """Merge the windows that start inside [start, end) and judge every reference feature."""
     inside = [w for w in windows if start <= parse_utc(w["window_start"]) < end]
     merged = merge_windows(inside)
-    features = [evaluate_feature(name, ref, merged.get(name), thresholds.for_feature(name))
-                for name, ref in reference.features.items()]
+    features = sorted((evaluate_feature(name, ref, merged.get(name), thresholds.for_feature(name), noise)
+                       for name, ref in reference.features.items()), key=severity_order)
     rows = sum(w["rows"] for w in inside)
-    evaluated = [f for f in features if f.metrics is not None]
-    drifted = [f for f in evaluated if f.drifted]
-    share = _share(len(drifted), len(evaluated))
-    if rows == 0:
-        status = "empty"
-    elif any(f.quality for f in features) or (drifted and share >= alert_share):
-        status = "alert"
-    elif not evaluated:
-        status = "too_small"
-    elif drifted or any(f.status == "warn" for f in features):
-        status = "warn"
-    else:
-        status = "ok"
+    status, drifted, reasons = _span_verdict(features, rows, alert_share)
     return SpanResult(utc_iso(start), utc_iso(end), len(inside), rows, sum(w.get("dropped_rows", 0) for w in inside),
-                      status, share, features)
+                      status, drifted, reasons, features)
 
 
 def run_job(reference: Reference, windows_dir: Path, *, version: int | None = None,
@@ -305,7 +368,8 @@ def run_job(reference: Reference, windows_dir: Path, *, version: int | None = No
     windows, unreadable = read_windows(windows_dir, reference.model, version)
     usable = [w for w in windows if w.get("reference_id") == reference.reference_id]
     bounds = span_bounds(usable, span, step or span, last or span, until, time.time() if now is None else now)
-    spans = [evaluate_span(reference, usable, start, end, thresholds, alert_share) for start, end in bounds]
+    noise = NoiseModel()
+    spans = [evaluate_span(reference, usable, start, end, thresholds, alert_share, noise) for start, end in bounds]
     return DriftResult(reference.model, reference.reference_id, alert_share, asdict(thresholds.defaults), spans,
                        len(windows) - len(usable), unreadable)
 
@@ -320,8 +384,31 @@ def _first(names: list[str], limit: int) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def drifted_counts(span: SpanResult) -> str:
+    """How many inputs and outputs drift, as "3 of 256 inputs, 1 of 10 outputs"."""
+    return ", ".join(f"{count} of {judged} {role}s" for role, (count, judged) in span.drifted.items() if judged) or "-"
+
+
+def fired_text(feature: FeatureResult) -> str:
+    """The distance nearest to or furthest over its limit, as "KS 0.214 > 0.05" (or "<=")."""
+    if feature.fired is None:
+        return "-"
+    value, limit = feature.metrics[feature.fired], feature.limits[feature.fired]
+    return f"{feature.fired.upper()} {value:.3f} {'>' if value > limit else '<='} {limit:.3g}"
+
+
+def shift_text(feature: FeatureResult) -> str:
+    """The smallest detectable shift in words: "0.12 sd (0.57)" or "2.1% of values"."""
+    shift = feature.detectable_shift
+    if shift is None:
+        return "-"
+    if "sigma" in shift:
+        return f"{shift['sigma']:.2g} sd ({shift['value']:.3g})"
+    return f"{_percent(shift['share'])} of values"
+
+
 def summary(result: DriftResult) -> str:
-    """The terminal report: a line per span, then a table of the newest span's features."""
+    """The terminal report: a line per span, then a table of the newest span's features, most severe first."""
     lines = [f"model '{result.model}', reference {result.reference_id}: "
              f"{'ALERT' if result.alert else 'no alert'} over {len(result.spans)} span(s)"]
     if result.skipped_windows:
@@ -329,18 +416,24 @@ def summary(result: DriftResult) -> str:
                      f"restart the server after rebuilding a reference")
     lines.extend(f"unreadable window file: {path}" for path in result.unreadable)
     for span in result.spans:
-        flagged = [f.name for f in span.features if f.status == "alert"]
+        flagged = [f.name for f in span.features if f.status in ("alert", "warn")]
         lines.append(f"{span.start} .. {span.end}  {span.windows:4d} windows {span.rows:9d} rows  "
-                     f"{span.status.upper():9s} drifted {_percent(span.drifted_share)}"
+                     f"{span.status.upper():9s} drifted: {drifted_counts(span)}"
                      + (f"  flagged: {_first(flagged, 8)}" if flagged else ""))
     if not result.spans:
         return "\n".join(lines)
     newest = result.spans[-1]
-    header = f"{'feature':24s} {'role':6s} {'status':9s} {'values':>9s} {'KS (<= bound)':>15s} {'D1':>6s} {'PSI':>6s} {'JS':>6s}  findings"
-    lines += ["", f"newest span {newest.start} .. {newest.end}", header, "-" * len(header)]
+    header = (f"{'feature':24s} {'role':6s} {'status':9s} {'values':>9s} {'fired':>22s} {'KS (<= bound)':>15s} "
+              f"{'D1':>6s} {'PSI':>6s} {'JS':>6s} {'detectable':>16s}  findings")
+    lines += ["", f"newest span {newest.start} .. {newest.end}: {newest.status.upper()}"]
+    lines += [f"  {reason}" for reason in newest.reasons[:MAX_REASONS]]
+    if len(newest.reasons) > MAX_REASONS:
+        lines.append(f"  and {len(newest.reasons) - MAX_REASONS} more")
+    lines += [header, "-" * len(header)]
     for f in newest.features:
         m = f.metrics or {}
         ks = f"{_number(m.get('ks'))} (<={_number(m.get('ks_bound'), 2)})" if "ks" in m else "-"
-        lines.append(f"{f.name[:24]:24s} {f.role:6s} {f.status:9s} {f.count:9d} {ks:>15s} {_number(m.get('d1')):>6s} "
-                     f"{_number(m.get('psi')):>6s} {_number(m.get('js')):>6s}  {'; '.join(f.findings)}")
+        lines.append(f"{f.name[:24]:24s} {f.role:6s} {f.status:9s} {f.count:9d} {fired_text(f):>22s} {ks:>15s} "
+                     f"{_number(m.get('d1')):>6s} {_number(m.get('psi')):>6s} {_number(m.get('js')):>6s} "
+                     f"{shift_text(f):>16s}  {'; '.join(f.findings)}")
     return "\n".join(lines)

@@ -220,8 +220,16 @@ def build_reference(model_repository: Path, model: str, data: Path, version: int
     inputs = load_data(data, specs["input"])
     output_names = [p.tensor for p in plans if p.role == "output"]
     outputs = _predict(session, inputs, output_names) if output_names else {}
-    arrays = {"input": inputs, "output": outputs}
-    shape = _bins_and_categories(plans, arrays, bins, max_categories)
+    return reference_from_arrays(model, version, plans, inputs, outputs, bins=bins, max_categories=max_categories,
+                                 source=str(Path(data).resolve()))
+
+
+def reference_from_arrays(model: str, version: int, plans: list[TensorFeatures], inputs: dict[str, np.ndarray],
+                          outputs: dict[str, np.ndarray], *, bins: int = DEFAULT_BINS,
+                          max_categories: int = DEFAULT_MAX_CATEGORIES, source: str = "") -> Reference:
+    """A reference from tensors already in memory (the model's inputs and its outputs on them), binned
+    and counted by the code that records windows."""
+    shape = _bins_and_categories(plans, {"input": inputs, "output": outputs}, bins, max_categories)
     stats = WindowStats(plans, shape)
     stats.add(inputs, outputs)
     features = {name: {**counts, **shape[name]} for name, counts in stats.features().items()}
@@ -233,7 +241,7 @@ def build_reference(model_repository: Path, model: str, data: Path, version: int
         "model": model,
         "version": version,
         "created": utc_iso(time.time()),
-        "source": str(Path(data).resolve()),
+        "source": source,
         "rows": stats.rows,
         "bins": bins,
         "max_categories": max_categories,
