@@ -1,0 +1,232 @@
+"""The prediction log: a sampled share of each opted-in model's requests, written to its store off the request path.
+
+The event loop's thread only samples and appends to a bounded deque (a full one drops from the log and
+counts it; inference never waits); one writer thread per model drains it every FLUSH_INTERVAL_S,
+encodes the tensors and commits them in one transaction, and runs label jobs in the same order, so a
+label sent after its response always finds its prediction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import secrets
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+
+from hotpath._proto import grpc_service_pb2 as pb
+from hotpath._proto import model_config_pb2
+from hotpath.errors import InferenceError
+from hotpath.evaluation.store import LabelValue, Store, StoreError, default_store_path, encode_tensors
+
+if TYPE_CHECKING:
+    from hotpath.serving.model import Model
+    from hotpath.serving.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_SIZE = 10_000
+"""Requests waiting for the writer beyond which new ones are dropped from the log, when the config sets none."""
+FLUSH_INTERVAL_S = 0.1
+"""How often the writer drains what the event loop queued."""
+RETENTION_PERIOD_S = 60.0
+"""How often the writer applies the age and size limits."""
+OPEN_TIMEOUT_S = 30.0
+"""How long a model load waits for its store to open before logging goes without it."""
+
+_LIVE: "weakref.WeakSet[PredictionLog]" = weakref.WeakSet()
+
+
+class EvaluationNotEnabled(InferenceError):
+    """Labels sent for a model that logs no predictions."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def sample_rate(config: model_config_pb2.ModelEvaluationConfig) -> float:
+    """The config's sample rate (unset means 1); raises ValueError outside [0, 1]."""
+    rate = config.sample_rate if config.HasField("sample_rate") else 1.0
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"evaluation.sample_rate must be in [0, 1], got {rate}")
+    return rate
+
+
+def store_location(config: model_config_pb2.ModelEvaluationConfig, model_dir: Path) -> str:
+    """The store a model's config names: its `store`, else the SQLite file in the model's directory."""
+    return config.store or str(default_store_path(model_dir))
+
+
+class PredictionLog:
+    """One model's sampled predictions on their way to its store.
+
+    `offer` runs on the event loop's thread; everything that touches the store runs on the writer
+    thread. `logged`, `dropped` and `failed` only grow (read by the metrics endpoint's thread).
+    """
+
+    def __init__(self, name: str, config: model_config_pb2.ModelEvaluationConfig, model_dir: Path) -> None:
+        self.name = name
+        self.config = config
+        self.rate = sample_rate(config)
+        self.location = store_location(config, model_dir)
+        self.limit = config.queue_size or DEFAULT_QUEUE_SIZE
+        self.logged = self.dropped = self.failed = 0
+        self._pending: deque[tuple] = deque()
+        self._jobs: deque[tuple[Callable[[Store], object], Future]] = deque()
+        self._wake = threading.Event()
+        self._closing = False
+        self._id_prefix = secrets.token_hex(6)
+        self._ids = itertools.count()
+        opened: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, args=(opened,), name=f"hotpath-evaluation-{name}", daemon=True)
+        self._thread.start()
+        opened.result(OPEN_TIMEOUT_S)
+        _LIVE.add(self)
+
+    def offer(self, model: Model, request: pb.ModelInferRequest, inputs: Sequence[np.ndarray | None],
+              outputs: Sequence[np.ndarray], response: pb.ModelInferResponse) -> None:
+        """Log this request if sampled; a request without an id gets one, returned in the response's `id`."""
+        if self.rate < 1.0 and random.random() >= self.rate:
+            return
+        if len(self._pending) >= self.limit:
+            self.dropped += 1
+            return
+        request_id = request.id
+        if not request_id:
+            request_id = response.id = f"{self._id_prefix}-{next(self._ids)}"
+        self._pending.append((time.time(), request_id, model, inputs, outputs))
+
+    def submit(self, job: Callable[[Store], object]) -> Future:
+        """Run `job(store)` on the writer thread after everything offered so far is written."""
+        future: Future = Future()
+        self._jobs.append((job, future))
+        self._wake.set()
+        return future
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer; blocks until it has."""
+        self._closing = True
+        self._wake.set()
+        self._thread.join()
+        _LIVE.discard(self)
+
+    def _run(self, opened: Future) -> None:
+        try:
+            store = Store(self.location)
+        except Exception as exc:
+            opened.set_exception(StoreError(f"model '{self.name}': cannot open the evaluation store {self.location}: {exc}"))
+            return
+        opened.set_result(None)
+        next_retention = 0.0
+        try:
+            while True:
+                self._wake.wait(FLUSH_INTERVAL_S)
+                self._wake.clear()
+                closing = self._closing
+                self._write(store)
+                while self._jobs:
+                    job, future = self._jobs.popleft()
+                    try:
+                        future.set_result(job(store))
+                    except Exception as exc:
+                        future.set_exception(exc)
+                if time.monotonic() >= next_retention:
+                    self._retain(store)
+                    next_retention = time.monotonic() + RETENTION_PERIOD_S
+                if closing and not self._pending:
+                    return
+        finally:
+            store.close()
+
+    def _write(self, store: Store) -> None:
+        count = len(self._pending)
+        if not count:
+            return
+        records = []
+        for _ in range(count):
+            time_s, request_id, model, inputs, outputs = self._pending.popleft()
+            tensors, data = encode_tensors(
+                [(spec.name, spec.datatype.name, array) for spec, array in zip(model.inputs, inputs) if array is not None],
+                [(spec.name, spec.datatype.name, array) for spec, array in zip(model.outputs, outputs)])
+            rows = len(outputs[0]) if model.batched and outputs else 1
+            records.append((self.name, request_id, model.version, time_s, rows, tensors, data))
+        try:
+            store.write_predictions(records)
+            self.logged += count
+        except Exception:
+            self.failed += count
+            log.exception("model '%s': %d predictions could not be written to %s", self.name, count, self.location)
+
+    def _retain(self, store: Store) -> None:
+        if not (self.config.max_age_seconds or self.config.max_size_bytes):
+            return
+        try:
+            store.retain(self.name, time.time(), self.config.max_age_seconds, self.config.max_size_bytes)
+        except Exception:
+            log.exception("model '%s': retention on %s failed", self.name, self.location)
+
+
+def metric_samples() -> dict[str, list[str]]:
+    """Prometheus samples of every live log: predictions logged, and dropped by reason."""
+    logged, dropped = [], []
+    for entry in sorted(_LIVE, key=lambda e: e.name):
+        labels = f'model="{entry.name}"'
+        logged.append(f"hotpath_evaluation_logged_total{{{labels}}} {entry.logged}")
+        dropped.append(f'hotpath_evaluation_dropped_total{{{labels},reason="queue_full"}} {entry.dropped}')
+        dropped.append(f'hotpath_evaluation_dropped_total{{{labels},reason="store_error"}} {entry.failed}')
+    return {"hotpath_evaluation_logged_total": logged, "hotpath_evaluation_dropped_total": dropped}
+
+
+class EvaluationLogs:
+    """The prediction log of every served model whose config has `evaluation`, kept in step with the repository.
+
+    `logs` (model name -> log) is the dict the data plane reads per request; it is empty, and costs
+    one truth test, when no model logs. Touched only on the event loop's thread.
+    """
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.logs: dict[str, PredictionLog] = {}
+        self._repository = repository
+        repository.on_change.append(self._on_model_change)
+
+    def _on_model_change(self, name: str, ready: bool) -> None:
+        config = self._repository.get(name).config if self._repository.versions(name) else None
+        current = self.logs.get(name)
+        wanted = config is not None and config.HasField("evaluation")
+        if current is not None and (not wanted or current.config != config.evaluation):
+            del self.logs[name]
+            threading.Thread(target=current.close, name=f"hotpath-evaluation-close-{name}").start()
+            current = None
+        if wanted and current is None:
+            try:
+                if sample_rate(config.evaluation) > 0:
+                    self.logs[name] = PredictionLog(name, config.evaluation, self._repository.root / name)
+                    log.info("model '%s': logging %g of requests to %s", name, self.logs[name].rate, self.logs[name].location)
+            except (ValueError, StoreError) as exc:
+                log.error("model '%s' serves without its prediction log: %s", name, exc)
+
+    async def attach(self, name: str, labels: Sequence[tuple[str, int, LabelValue]]) -> list[tuple[str, int]]:
+        """Attach labels to `name`'s logged predictions after what is queued is written; returns the unknown (id, row)s."""
+        entry = self.logs.get(name)
+        if entry is None:
+            self._repository.get(name)
+            raise EvaluationNotEnabled(f"model '{name}' logs no predictions: add `evaluation {{ }}` to its config.pbtxt")
+        now = time.time()
+        return await asyncio.wrap_future(entry.submit(lambda store: store.attach_labels(name, labels, now)))
+
+    async def close(self) -> None:
+        """Write every queued prediction and stop the writers."""
+        logs = list(self.logs.values())
+        self.logs.clear()
+        for entry in logs:
+            await asyncio.to_thread(entry.close)

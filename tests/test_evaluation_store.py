@@ -1,0 +1,116 @@
+"""The evaluation store and job on real SQLite and PostgreSQL: round trips, late labels, retention, metrics per span."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn import metrics
+
+from evaluation_stores import postgres, store_location  # noqa: F401
+from hotpath._proto import model_config_pb2
+from hotpath.evaluation.job import evaluate, suggest
+from hotpath.evaluation.store import Store, decode_tensors, encode_tensors
+
+DAY = 86_400.0
+NOW = 1_800_000_000.0
+
+
+def _classifier_record(request_id: str, time_s: float, probs: np.ndarray, version: int = 1) -> tuple:
+    features = np.full((len(probs), 2), 0.5, np.float32)
+    label = np.argmax(probs, axis=1).astype(np.int64)
+    tensors, data = encode_tensors([("x", "FP32", features)], [("label", "INT64", label), ("probabilities", "FP32", probs)])
+    return ("m", request_id, version, time_s, len(probs), tensors, data)
+
+
+def test_tensors_round_trip_every_kind() -> None:
+    text = np.array(["a", "", "héllo"], dtype=object)
+    tensors, data = encode_tensors([("x", "FP32", np.arange(6, dtype=np.float32).reshape(2, 3)), ("s", "BYTES", text)],
+                                   [("y", "INT64", np.array([[7], [8]], np.int64)), ("b", "BOOL", np.array([True, False]))])
+    inputs, outputs = decode_tensors(tensors, data)
+    assert inputs["x"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert list(inputs["s"]) == [b"a", b"", "héllo".encode()]
+    assert outputs["y"].tolist() == [[7], [8]] and outputs["b"].tolist() == [True, False]
+
+
+def test_labels_attach_by_id_and_row_and_unknown_ids_are_returned(store_location: str) -> None:
+    store = Store(store_location)
+    store.write_predictions([_classifier_record("a", NOW, np.array([[0.9, 0.1]], np.float32)),
+                             _classifier_record("b", NOW, np.array([[0.2, 0.8], [0.6, 0.4]], np.float32))])
+    store.write_predictions([_classifier_record("a", NOW + 1, np.array([[0.1, 0.9]], np.float32))])
+    unknown = store.attach_labels("m", [("a", 0, 0), ("b", 1, 1), ("b", 2, 1), ("zzz", 0, 1)], NOW)
+    assert unknown == [("b", 2), ("zzz", 0)]
+    assert store.attach_labels("m", [("a", 0, 1)], NOW) == []
+    (first, second) = store.predictions("m")
+    assert (first.request_id, first.labels, first.outputs["label"].tolist()) == ("a", [1], [0])
+    assert (second.request_id, second.labels, second.rows) == ("b", [None, 1], 2)
+    assert store.counts("m") == (2, 2)
+    store.close()
+
+
+def test_retention_by_age_and_by_size(store_location: str) -> None:
+    store = Store(store_location)
+    records = [_classifier_record(f"r{i}", NOW - i * 3600, np.array([[0.5, 0.5]], np.float32)) for i in range(10)]
+    store.write_predictions(records)
+    store.attach_labels("m", [(f"r{i}", 0, 1) for i in range(10)], NOW)
+    assert store.retain("m", NOW, max_age_s=7.5 * 3600) == 2
+    size = len(records[0][6])
+    assert store.retain("m", NOW, max_size_bytes=5 * size) == 3
+    assert [p.request_id for p in store.predictions("m")] == ["r4", "r3", "r2", "r1", "r0"]
+    assert store.counts("m") == (5, 5)
+    store.close()
+
+
+def test_accuracy_per_day_matches_sklearn_and_a_flipped_day_alerts(store_location: str) -> None:
+    rng = np.random.default_rng(0)
+    store = Store(store_location)
+    truth, predicted, labelled = {}, {}, {}
+    records = []
+    for day in range(7):
+        for i in range(60):
+            p = rng.uniform(0.05, 0.95)
+            probs = np.array([[1 - p, p]], np.float32)
+            request_id = f"d{day}-{i}"
+            records.append(_classifier_record(request_id, NOW - 7 * DAY + day * DAY + i * 60, probs, version=1 + (day >= 5)))
+            predicted[request_id] = int(p > 0.5)
+            truth[request_id] = predicted[request_id] if rng.uniform() < 0.85 else 1 - predicted[request_id]
+    store.write_predictions(records)
+    for request_id in truth:
+        if not request_id.endswith("-7"):
+            labelled[request_id] = truth[request_id]
+    store.attach_labels("m", [(r, 0, v) for r, v in labelled.items()], NOW)
+    config = model_config_pb2.ModelEvaluationConfig()
+    result = evaluate(store, "m", config, NOW, 7 * DAY, DAY)
+    assert result.task == "classification" and result.outputs == {"task": "classification", "prediction": "label", "probabilities": "probabilities"}
+    assert [(s.version, s.rows, s.labelled) for s in result.spans] == [(1, 60, 59)] * 5 + [(2, 60, 59)] * 2
+    for day, span in enumerate(result.spans):
+        ids = [r for r in labelled if r.startswith(f"d{day}-")]
+        y, y_hat = [labelled[r] for r in ids], [predicted[r] for r in ids]
+        assert span.metrics["accuracy"] == pytest.approx(metrics.accuracy_score(y, y_hat))
+        assert span.metrics["f1"] == pytest.approx(metrics.f1_score(y, y_hat))
+        assert span.status == "ok"
+    assert not result.alert
+    store.attach_labels("m", [(r, 0, 1 - v) for r, v in labelled.items() if r.startswith("d4-")], NOW)
+    flipped = evaluate(store, "m", config, NOW, 7 * DAY, DAY)
+    assert flipped.alert and [s.status for s in flipped.spans] == ["ok"] * 4 + ["alert"] + ["ok"] * 2
+    picks = suggest(store, "m", config, NOW - 7 * DAY, NOW, 3)
+    assert len(picks) == 3 and all(request_id.endswith("-7") for request_id, _, _ in picks)
+    assert [m for _, _, m in picks] == sorted(m for _, _, m in picks)
+    store.close()
+
+
+def test_regression_reports_mae_and_rmse(store_location: str) -> None:
+    store = Store(store_location)
+    values = np.linspace(0, 10, 40, dtype=np.float32)
+    records = []
+    for i, value in enumerate(values):
+        tensors, data = encode_tensors([("x", "FP32", np.array([[value]]))], [("y", "FP32", np.array([[value]], np.float32))])
+        records.append(("m", f"r{i}", 1, NOW - 100 + i, 1, tensors, data))
+    store.write_predictions(records)
+    store.attach_labels("m", [(f"r{i}", 0, float(v) + (1.0 if i % 2 else -2.0)) for i, v in enumerate(values)], NOW)
+    result = evaluate(store, "m", model_config_pb2.ModelEvaluationConfig(), NOW, 200, 200)
+    (span,) = result.spans
+    truth = [float(v) + (1.0 if i % 2 else -2.0) for i, v in enumerate(values)]
+    assert result.task == "regression"
+    assert span.metrics["mae"] == pytest.approx(metrics.mean_absolute_error(truth, values))
+    assert span.metrics["rmse"] == pytest.approx(metrics.root_mean_squared_error(truth, values))
+    store.close()
