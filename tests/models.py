@@ -64,3 +64,10 @@ def matmul_model(repo: Path, name: str = "matmul", inner: int = 4, version: int 
     ins = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", "width"])]
     outs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 2])]
     return _save(_model(nodes, ins, outs, [w]), repo, name, version, config)
+
+
+def string_cast_model(repo: Path, name: str = "string_cast", config: str | None = None) -> Path:
+    """Y (FP32 [-1, 2]) = X (BYTES [-1, 2]) parsed as numbers: ONNX Runtime fails the run on text that is not one."""
+    return _save(_model([helper.make_node("Cast", ["X"], ["Y"], to=TensorProto.FLOAT)],
+                        [helper.make_tensor_value_info("X", TensorProto.STRING, ["batch", 2])],
+                        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 2])]), repo, name, config=config)

@@ -269,7 +269,7 @@ def test_a_full_queue_rejects_at_once_with_resource_exhausted(server: ServerProc
 
 
 @pytest.mark.parametrize("model", ["matmul", "matmul_inline"])
-def test_a_raising_replica_fails_only_its_batch(server: ServerProcess, model: str) -> None:
+def test_a_request_the_model_cannot_run_fails_alone_with_invalid_argument(server: ServerProcess, model: str) -> None:
     bad = [np.full((1, 3), i, np.float32) for i in range(4)]
     good = [np.arange(4, dtype=np.float32)[None, :] + i for i in range(4)]
 
@@ -281,13 +281,12 @@ def test_a_raising_replica_fails_only_its_batch(server: ServerProcess, model: st
 
     results, after = asyncio.run(main())
     for error in results[0::2]:
-        assert isinstance(error, InferenceServerException) and error.status() == "StatusCode.INTERNAL", error
-        assert re.search(rf"model '{model}' version 1 failed while running a batch of \d+ row\(s\) on replica 0: .*MatMul",
-                         error.message()), error.message()
+        assert isinstance(error, InferenceServerException) and error.status() == "StatusCode.INVALID_ARGUMENT", error
+        assert re.search(rf"model '{model}' version 1 cannot run this request's inputs: .*MatMul", error.message()), error.message()
     for x, y in zip(good, results[1::2]):
         np.testing.assert_array_equal(y, np.repeat(x.sum(axis=1, keepdims=True), 2, axis=1))
     np.testing.assert_array_equal(after, np.full((2, 2), 4, np.float32))
-    assert f"model '{model}' version 1 replica 0 failed a batch" in server.output()
+    assert re.search(rf"model '{model}' version 1: \d+ of \d+ request\(s\) in a batch failed on their own", server.output())
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 5, 8, 16])
@@ -341,7 +340,7 @@ def test_kind_gpu_without_cuda_falls_back_to_cpu_and_says_so(server: ServerProce
 def test_require_gpu_fails_the_load_saying_cuda_is_unavailable(tmp_path: Path, start_server) -> None:
     add_sub_model(tmp_path, "gpu", config='name: "gpu"\nmax_batch_size: 8\ninstance_group [{ kind: KIND_GPU }]\n')
     add_sub_model(tmp_path, "cpu")
-    server = start_server(tmp_path, "--require-gpu")
+    server = start_server(tmp_path, "--require-gpu", "--model-control", "explicit")
     expected = r"model 'gpu': KIND_GPU on device 0 asked for, but .*CUDA.*; --require-gpu forbids falling back to CPU"
     assert re.search(expected, server.output()), server.output()
     with grpcclient.InferenceServerClient(server.url) as client:

@@ -8,6 +8,19 @@ from __future__ import annotations
 
 import grpc
 
+MAX_SHOWN_CHARS = 40
+"""Most characters of a client's value an error message repeats."""
+MAX_MESSAGE_CHARS = 2048
+"""Longest status message: gRPC clients refuse trailers over 8 KiB and report RESOURCE_EXHAUSTED instead."""
+
+
+def shown(value: object) -> str:
+    """`value` quoted for an error message, cut to MAX_SHOWN_CHARS with its full length said."""
+    text = str(value)
+    if len(text) <= MAX_SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:MAX_SHOWN_CHARS]!r}... ({len(text)} characters)"
+
 
 class InferenceError(Exception):
     """An error a client should see, with the gRPC status code that describes it."""
@@ -15,6 +28,8 @@ class InferenceError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = f"{message[:MAX_MESSAGE_CHARS]}... (message cut from {len(message)} characters)"
         super().__init__(message)
         self.message = message
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from datetime import datetime, timezone
+
+MAX_THROTTLE_KEYS = 10_000
+"""Distinct keys a ThrottledLog remembers before it starts afresh, so random keys cannot grow it without bound."""
 
 
 def configure_logging(level: str, role: str = "main", log_format: str = "text") -> None:
@@ -31,3 +36,30 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
+
+
+class ThrottledLog:
+    """Logs a request-triggered message at most once per `interval_s` per key, counting what it held back.
+
+    Any client can make the server fail requests as fast as it sends them; one line per failure would
+    let it flood the log. Each line that does go out says how many like it were suppressed since.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self._logger = logger
+        self._interval_s = interval_s
+        self._last: dict[object, tuple[float, int]] = {}
+
+    def log(self, level: int, key: object, message: str, *args: object) -> None:
+        """Log `message % args` under `key` unless a line for `key` went out within the interval."""
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (-math.inf, 0))
+        if now - last < self._interval_s:
+            self._last[key] = (last, suppressed + 1)
+            return
+        if len(self._last) >= MAX_THROTTLE_KEYS:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        if suppressed:
+            message += f" ({suppressed} more like it in the last {now - last:.0f} s)"
+        self._logger.log(level, message, *args)

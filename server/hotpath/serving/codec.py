@@ -12,7 +12,7 @@ import numpy as np
 
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import model_config_pb2
-from hotpath.errors import InvalidArgument
+from hotpath.errors import InvalidArgument, shown
 from hotpath.serving._codec import BytesFormatError, join_bytes, split_bytes
 from hotpath.serving.config import TensorSpec
 
@@ -72,7 +72,7 @@ class ModelCodec:
         self.cached = config.response_cache.enable
 
     def _where(self, name: str) -> str:
-        return f"model '{self.name}' input '{name}'"
+        return f"model '{self.name}' input {shown(name)}"
 
     def _shape(self, spec: TensorSpec, shape: tuple[int, ...]) -> int:
         if any(d < 0 for d in shape):
@@ -141,7 +141,7 @@ class ModelCodec:
         for i, tensor in enumerate(tensors):
             entry = self.inputs.get(tensor.name)
             if entry is None:
-                raise InvalidArgument(f"model '{self.name}' has no input '{tensor.name}'; its inputs are {sorted(self.inputs)}")
+                raise InvalidArgument(f"model '{self.name}' has no input {shown(tensor.name)}; its inputs are {sorted(self.inputs)}")
             position, spec = entry
             if arrays[position] is not None:
                 raise InvalidArgument(f"{self._where(tensor.name)} is given more than once")
@@ -168,7 +168,7 @@ class ModelCodec:
         for wanted in request.outputs:
             entry = self.outputs.get(wanted.name)
             if entry is None:
-                raise InvalidArgument(f"model '{self.name}' has no output '{wanted.name}'; its outputs are {sorted(self.outputs)}")
+                raise InvalidArgument(f"model '{self.name}' has no output {shown(wanted.name)}; its outputs are {sorted(self.outputs)}")
             chosen.append(entry)
         return tuple(chosen)
 

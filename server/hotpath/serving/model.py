@@ -20,12 +20,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument as OrtInvalidArgument, RuntimeException
 from opentelemetry.trace import Span
 
 from hotpath._proto import model_config_pb2
 from hotpath.drift import DriftError, DriftRecorder
-from hotpath.errors import LoadError, ModelExecutionError, ModelUnavailable
+from hotpath.errors import InvalidArgument, LoadError, ModelExecutionError, ModelUnavailable
 from hotpath.observability import telemetry
+from hotpath.observability.logs import ThrottledLog
 from hotpath.observability.stats import ModelStats, StatsStore
 from hotpath.serving import _batcher
 from hotpath.serving.codec import ModelCodec
@@ -35,7 +37,11 @@ from hotpath.serving.sessions import choose_execution, create_session
 from hotpath.settings import Settings
 
 log = logging.getLogger(__name__)
+_failures = ThrottledLog(log)
 
+ORT_INPUT_ERRORS = (Fail, OrtInvalidArgument, RuntimeException)
+"""What ONNX Runtime raises when a run cannot use the inputs it was given (a dimension mismatch, text that
+is not a number); other errors (out of memory, a failing execution provider) are not the request's doing."""
 DEFAULT_MAX_QUEUE_SIZE = 4096
 """Requests a model's queue holds when its config sets no `max_queue_size`."""
 
@@ -55,6 +61,10 @@ def _batch_queue(config: model_config_pb2.ModelConfig) -> _batcher.BatchQueue:
         allow_timeout_override=policy.allow_timeout_override or not db.HasField("default_queue_policy"),
         work_conserving=batch_policy(config) == BATCH_POLICY_WORK_CONSERVING,
     )
+
+
+class ModelOutputError(RuntimeError):
+    """The model returned an output that does not fit the batch: its own fault, whatever the inputs."""
 
 
 class Model:
@@ -210,7 +220,23 @@ class Model:
             except RuntimeError:
                 return
 
-    def _execute(self, replica: Replica, batch: list) -> tuple[list[np.ndarray], int, int, int]:
+    def _execute(self, replica: Replica, batch: list) -> tuple[list[tuple[list, list[np.ndarray] | Exception]], int, int]:
+        """Run a batch; when it fails, find the requests that fail on their own (see `_isolate`).
+
+        Returns each part of the batch with its outputs or its error, and the time spent preparing
+        inputs and running the model. An output of the wrong shape is the model's fault and raises.
+        """
+        try:
+            outputs, input_ns, infer_ns = self._run(replica, batch)
+            return [(batch, outputs)], input_ns, infer_ns
+        except ModelOutputError:
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                return [(batch, exc)], 0, 0
+            return self._isolate(replica, batch)
+
+    def _run(self, replica: Replica, batch: list) -> tuple[list[np.ndarray], int, int]:
         start = time.perf_counter_ns()
         if len(batch) == 1:
             feeds = dict(zip(self._input_names, batch[0].inputs))
@@ -221,9 +247,41 @@ class Model:
         ready = time.perf_counter_ns()
         outputs = replica.session.run(self._output_names, feeds)
         infer_ns = time.perf_counter_ns() - ready
+        if self.batched:
+            for name, out in zip(self._output_names, outputs):
+                if out.ndim == 0 or out.shape[0] != rows:
+                    raise ModelOutputError(f"output '{name}' has shape {list(out.shape)}, expected first dim {rows} (the batch's rows)")
         if self.drift is not None:
             self.drift.record(feeds, dict(zip(self._output_names, outputs)))
-        return outputs, rows, ready - start, infer_ns
+        return outputs, ready - start, infer_ns
+
+    def _isolate(self, replica: Replica, batch: list) -> tuple[list[tuple[list, list[np.ndarray] | Exception]], int, int]:
+        """Split a failed batch in halves until each part runs or is one request that fails alone.
+
+        One client's bad data then fails only that client's requests, at the cost of about two runs
+        per culprit and halving step.
+        """
+        parts: list[tuple[list, list[np.ndarray] | Exception]] = []
+        input_ns = infer_ns = 0
+        failing = [batch]
+        while failing:
+            group = failing.pop()
+            half = len(group) // 2
+            for part in (group[:half], group[half:]):
+                try:
+                    outputs, part_input_ns, part_infer_ns = self._run(replica, part)
+                except ModelOutputError:
+                    raise
+                except Exception as exc:
+                    if len(part) == 1:
+                        parts.append((part, exc))
+                    else:
+                        failing.append(part)
+                else:
+                    parts.append((part, outputs))
+                    input_ns += part_input_ns
+                    infer_ns += part_infer_ns
+        return parts, input_ns, infer_ns
 
     def _on_done(self, replica: Replica, batch: list, result: tuple | None, error: Exception | None) -> None:
         self._idle.append(replica)
@@ -231,33 +289,52 @@ class Model:
         self._dispatch()
 
     def _complete(self, replica: Replica, batch: list, result: tuple | None, error: Exception | None) -> None:
-        """Hand every request of a finished batch its rows, or fail them all with the replica's error."""
-        failure = None
-        try:
-            if error is not None:
-                raise error
-            outputs, rows, input_ns, infer_ns = result
-            if self.batched:
-                for name, out in zip(self._output_names, outputs):
-                    if out.ndim == 0 or out.shape[0] != rows:
-                        raise RuntimeError(f"output '{name}' has shape {list(out.shape)}, expected first dim {rows} (the batch's rows)")
-        except Exception as exc:
-            failure = exc
+        """Hand every request of a finished batch its rows, or its error."""
+        if error is not None:
             rows = sum(p.rows for p in batch)
-            log.error("model '%s' version %d replica %d failed a batch of %d request(s): %s",
-                      self.name, self.version, replica.index, len(batch), exc)
+            _failures.log(logging.ERROR, (self.name, self.version, "batch"),
+                          "model '%s' version %d replica %d failed a batch of %d request(s): %s",
+                          self.name, self.version, replica.index, len(batch), error)
             _batcher.fail(batch, ModelExecutionError(
-                f"model '{self.name}' version {self.version} failed while running a batch of {rows} row(s) on replica {replica.index}: {exc}"))
+                f"model '{self.name}' version {self.version} failed while running a batch of {rows} row(s) on replica {replica.index}: {error}"))
+            failure = error
         else:
-            start = time.perf_counter_ns()
-            _batcher.deliver(batch, outputs)
-            self.stats.batch_done(rows, input_ns, infer_ns, time.perf_counter_ns() - start)
+            parts, input_ns, infer_ns = result
+            failure = self._deliver(replica, parts, input_ns, infer_ns)
         self._running -= len(batch)
         self.stats.set_load(len(self._queue), self._running)
         if replica.span is not None:
             telemetry.end_batch(replica.span, failure)
             replica.span = None
         self._settle()
+
+    def _deliver(self, replica: Replica, parts: list, input_ns: int, infer_ns: int) -> Exception | None:
+        """Give each part its outputs or error; returns the first error, if any.
+
+        A request that fails alone with one of ONNX Runtime's errors about what it was given failed
+        on its own data: INVALID_ARGUMENT. Any other failure is the model's or the machine's: INTERNAL.
+        """
+        start = time.perf_counter_ns()
+        served = [(part, outputs) for part, outputs in parts if not isinstance(outputs, Exception)]
+        failed = [(part, exc) for part, exc in parts if isinstance(exc, Exception)]
+        for part, outputs in served:
+            _batcher.deliver(part, outputs)
+        for part, exc in failed:
+            if isinstance(exc, ORT_INPUT_ERRORS):
+                _batcher.fail(part, InvalidArgument(
+                    f"model '{self.name}' version {self.version} cannot run this request's inputs: {exc}"))
+            else:
+                _batcher.fail(part, ModelExecutionError(
+                    f"model '{self.name}' version {self.version} failed on replica {replica.index}: {exc}"))
+        if served:
+            rows = sum(p.rows for part, _ in served for p in part)
+            self.stats.batch_done(rows, input_ns, infer_ns, time.perf_counter_ns() - start)
+        if not failed:
+            return None
+        _failures.log(logging.WARNING, (self.name, self.version, "request"),
+                      "model '%s' version %d: %d of %d request(s) in a batch failed on their own and were refused: %s",
+                      self.name, self.version, len(failed), len(failed) + sum(len(part) for part, _ in served), failed[0][1])
+        return failed[0][1]
 
     def _settle(self) -> None:
         """While closing, wake `close` once nothing is queued or running (it stays so: no request joins)."""

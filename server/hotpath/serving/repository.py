@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from hotpath._proto import model_config_pb2
-from hotpath.errors import InferenceError, InvalidArgument, LoadError, ModelNotFound
+from hotpath.errors import InferenceError, InvalidArgument, LoadError, ModelNotFound, shown
 from hotpath.observability.stats import StatsStore
 from hotpath.serving.config import DEFAULT_MODEL_FILE, read_config
 from hotpath.serving.model import Model
@@ -31,10 +32,10 @@ MAX_NAME_LENGTH = 255
 def check_model_name(name: str) -> str:
     """Refuse any name that is not a plain directory name, so no request reads outside the repository."""
     if len(name) > MAX_NAME_LENGTH:
-        raise InvalidArgument(f"invalid model name {name[:40]!r}... ({len(name)} characters): a model name is a directory name "
+        raise InvalidArgument(f"invalid model name {shown(name)}: a model name is a directory name "
                               f"of at most {MAX_NAME_LENGTH} characters")
     if not _PLAIN_NAME.fullmatch(name) or ".." in name:
-        raise InvalidArgument(f"invalid model name {name!r}: use letters, digits, '_', '-' and '.', without path separators or '..'")
+        raise InvalidArgument(f"invalid model name {shown(name)}: use letters, digits, '_', '-' and '.', without path separators or '..'")
     return name
 
 
@@ -97,7 +98,7 @@ class ModelRepository:
         check_model_name(name)
         model_dir = self.root / name
         if not model_dir.is_dir():
-            raise ModelNotFound(f"no model '{name}' in repository {self.root}")
+            raise ModelNotFound(f"no model '{name}' in the model repository")
         entry = self._entries.setdefault(name, ModelEntry())
         async with entry.lock:
             try:
@@ -113,6 +114,7 @@ class ModelRepository:
                     f"model '{name}' failed to load: {type(exc).__name__}: {exc}")
                 if error is not exc:
                     log.exception("model '%s': unexpected error while loading", name)
+                error = LoadError(self._relative(error.message))
                 entry.reason = error.message
                 if not entry.versions:
                     entry.state = "UNAVAILABLE"
@@ -144,6 +146,12 @@ class ModelRepository:
             await model.close()
         log.info("unloaded model '%s'", name)
 
+    def _relative(self, message: str) -> str:
+        """`message` with the repository's own location cut from its paths: clients see `model/1/model.onnx`."""
+        for root in {str(self.root.resolve()), str(self.root)}:
+            message = message.replace(root + os.sep, "").replace(root, "the model repository")
+        return message
+
     def _notify(self, name: str, ready: bool) -> None:
         for callback in self.on_change:
             callback(name, ready)
@@ -159,7 +167,7 @@ class ModelRepository:
         try:
             return entry.versions[int(version)]
         except (ValueError, KeyError):
-            raise ModelNotFound(f"model '{name}' has no loaded version '{version}'; loaded versions are {sorted(entry.versions)}") from None
+            raise ModelNotFound(f"model '{name}' has no loaded version {shown(version)}; loaded versions are {sorted(entry.versions)}") from None
 
     def served(self) -> list[Model]:
         """Every loaded model version."""

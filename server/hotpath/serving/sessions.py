@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 INLINE_LIMIT_NS = 500_000
 """A model whose full batch runs within this long executes on the event loop's thread (see `choose_execution`)."""
 EXECUTION_MODES = ("auto", "inline", "threads")
+ORT_LOG_FATAL = 4
+"""ONNX Runtime's log severity that lets through only fatal errors."""
 
 
 def _session_options(plan: ReplicaPlan, cores: list[int]) -> ort.SessionOptions:
@@ -34,6 +36,8 @@ def _session_options(plan: ReplicaPlan, cores: list[int]) -> ort.SessionOptions:
     options.inter_op_num_threads = plan.inter_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT logs every failed run at ERROR itself; the scheduler reports failures once, throttled.
+    options.log_severity_level = ORT_LOG_FATAL
     if not plan.spinning:
         # Idle intra-op threads spin by default, burning the CPU the front end needs between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
