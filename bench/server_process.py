@@ -36,17 +36,19 @@ class ServerProcess:
     want). With `port`, any server speaking the inference protocol is ready once ServerReady is true.
     `start()` (or entering the context) waits for readiness and raises RuntimeError, with the end of
     the log, if the server exits or is not ready within `ready_timeout_s`; `stop()` (or leaving the
-    context) ends it. Only the thread that made it may start or stop it.
+    context) ends it. A server that speaks TLS is probed with `credentials`. Only the thread that made
+    it may start or stop it.
     """
 
     def __init__(self, name: str, command: Sequence[str], log_path: Path, port: int | None = None,
                  ready_timeout_s: float = 180.0, cwd: Path | None = None, env: Mapping[str, str] | None = None,
-                 require_serving: bool = True) -> None:
+                 require_serving: bool = True, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.name, self.log_path, self.cwd = name, log_path, cwd
         self.port_file = log_path.with_name(log_path.name + ".port") if port is None else None
         self.command = [*command, "--port-file", str(self.port_file)] if self.port_file else list(command)
         self.env = {**os.environ, **env} if env else None
         self.ready_timeout_s, self.require_serving = ready_timeout_s, require_serving
+        self.credentials = credentials
         self.port = port or 0
         self.process: subprocess.Popen | None = None
 
@@ -107,7 +109,7 @@ class ServerProcess:
 
     def _wait_healthy(self, deadline: float) -> None:
         status = None
-        with grpc.insecure_channel(self.target) as channel:
+        with self.channel() as channel:
             check = health_pb2_grpc.HealthStub(channel).Check
             while time.monotonic() < deadline:
                 self.check_alive("before it was ready")
@@ -125,7 +127,7 @@ class ServerProcess:
                            f"(last status {status}); its log ({self.log_path}) ends:\n{self.log_tail()}")
 
     def _wait_server_ready(self, deadline: float) -> None:
-        with grpc.insecure_channel(self.target) as channel:
+        with self.channel() as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             while time.monotonic() < deadline:
                 self.check_alive("before it was ready")
@@ -137,6 +139,12 @@ class ServerProcess:
                 time.sleep(POLL_S)
         raise RuntimeError(f"{self.name} server not ready after {self.ready_timeout_s:.0f}s; "
                            f"its log ({self.log_path}) ends:\n{self.log_tail()}")
+
+    def channel(self) -> grpc.Channel:
+        """A new channel to the server: over TLS with `credentials` when given, else plaintext."""
+        if self.credentials is None:
+            return grpc.insecure_channel(self.target)
+        return grpc.secure_channel(self.target, self.credentials)
 
     def check_alive(self, when: str) -> None:
         """Raise, with the end of the server's log, if the server has exited."""

@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,15 +29,16 @@ class ServerProcess(server_process.ServerProcess):
     """A started `hotpath serve --port 0` on 127.0.0.1; `url` is its host:port.
 
     Ready once its health service answers, SERVING or NOT_SERVING: tests that break models want a
-    server that runs without them.
+    server that runs without them. A TLS server is probed with `credentials`.
     """
 
-    def __init__(self, repo: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, repo: Path, *args: str, env: dict[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.repo = repo
         command = [sys.executable, "-m", "hotpath.cli", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
                    "--port", "0", "--metrics-port", "0", *args]
         super().__init__("hotpath", command, _LOG_DIR / f"server-{next(_numbers)}.log", ready_timeout_s=60, env=env,
-                         require_serving=False)
+                         require_serving=False, credentials=credentials)
         self.start()
         self.proc = self.process
         self.url = self.target
@@ -68,8 +70,9 @@ def start_server() -> Iterator:
     """Factory for servers private to one test; all are stopped after it."""
     started: list[ServerProcess] = []
 
-    def start(repo: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
-        proc = ServerProcess(repo, *args, env=env)
+    def start(repo: Path, *args: str, env: dict[str, str] | None = None,
+              credentials: grpc.ChannelCredentials | None = None) -> ServerProcess:
+        proc = ServerProcess(repo, *args, env=env, credentials=credentials)
         started.append(proc)
         return proc
 

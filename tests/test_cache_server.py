@@ -29,7 +29,7 @@ def _stats(client: grpcclient.InferenceServerClient, name: str):
 def test_cache_hits_are_exact_and_skip_the_model(tmp_path, start_server):
     add_sub_model(tmp_path, "cached", config=CACHED.format(name="cached"))
     add_sub_model(tmp_path, "uncached", config='name: "uncached"\nmax_batch_size: 8\n')
-    server = start_server(tmp_path, "--cache-size", "1MiB")
+    server = start_server(tmp_path, "--cache-size", "1MiB", "--model-control", "explicit")
     x, y = np.arange(16, dtype=np.float32).reshape(1, 16), np.ones((1, 16), np.float32)
     with grpcclient.InferenceServerClient(server.url) as client:
         first = client.infer("cached", _inputs(x, y), request_id="a")
@@ -79,7 +79,7 @@ def test_a_response_finished_by_a_retired_model_is_not_cached(tmp_path, start_se
 
     slow = 'name: "cached"\nmax_batch_size: 8\nresponse_cache { enable: true }\ndynamic_batching { max_queue_delay_microseconds: 1000000 }\n'
     add_sub_model(tmp_path, "cached", config=slow)
-    server = start_server(tmp_path, "--cache-size", "1MiB")
+    server = start_server(tmp_path, "--cache-size", "1MiB", "--model-control", "explicit")
     x = np.ones((1, 16), np.float32)
     answers: list = []
 

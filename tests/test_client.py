@@ -58,7 +58,7 @@ def slow_server(tmp_path, start_server):
                                    'dynamic_batching { max_queue_delay_microseconds: 5000000 }\n'
                                    'parameters [{ key: "batch_policy", value: { string_value: "delay" } }]\n')
     identity_model(tmp_path)
-    return start_server(tmp_path)
+    return start_server(tmp_path, "--model-control", "explicit")
 
 
 def test_every_datatype_round_trips(client):

@@ -19,6 +19,7 @@ import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
+from conftest import ServerProcess
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import grpc_service_pb2_grpc
 from hotpath.serving.datatypes import DATATYPES
@@ -35,6 +36,15 @@ BAD_NAMES = ["../x", "a/b", "", "..", "/etc/passwd", "a\\b", ".", "x\x00y"]
 def stub(server) -> Iterator[grpc_service_pb2_grpc.GRPCInferenceServiceStub]:
     with grpc.insecure_channel(server.url) as channel:
         yield grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def control_stub(shared_repo: Path) -> Iterator[grpc_service_pb2_grpc.GRPCInferenceServiceStub]:
+    """A stub of a server over the shared repository that serves model control (`--model-control explicit`)."""
+    proc = ServerProcess(shared_repo, "--model-control", "explicit")
+    with grpc.insecure_channel(proc.url) as channel:
+        yield grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    assert proc.stop() == 0, proc.output()
 
 
 def rejected(call: grpc.UnaryUnaryMultiCallable, request: object, code: grpc.StatusCode, *fragments: str) -> str:
@@ -301,12 +311,14 @@ RPCS_WITH_A_MODEL_NAME = {
 
 @pytest.mark.parametrize("rpc", list(RPCS_WITH_A_MODEL_NAME))
 @pytest.mark.parametrize("name", BAD_NAMES)
-def test_name_that_is_not_plain_is_refused(stub, rpc, name):
-    request = RPCS_WITH_A_MODEL_NAME[rpc](name)
+def test_name_that_is_not_plain_is_refused(request, stub, rpc, name):
+    if rpc.startswith("Repository"):
+        stub = request.getfixturevalue("control_stub")
+    message = RPCS_WITH_A_MODEL_NAME[rpc](name)
     if rpc == "ModelStatistics" and name == "":
-        assert {s.name for s in stub.ModelStatistics(request).model_stats} >= {"add_sub", "identity"}
+        assert {s.name for s in stub.ModelStatistics(message).model_stats} >= {"add_sub", "identity"}
         return
-    rejected(getattr(stub, rpc), request, INVALID, "invalid model name", repr(name))
+    rejected(getattr(stub, rpc), message, INVALID, "invalid model name", repr(name))
 
 
 def test_stream_answers_bad_requests_by_id_and_goes_on(stub):

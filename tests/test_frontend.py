@@ -78,7 +78,7 @@ def test_a_malformed_message_is_invalid_argument_and_the_server_goes_on(server):
 
 def test_health_watch_streams_every_change(tmp_path, start_server):
     add_sub_model(tmp_path)
-    server = start_server(tmp_path)
+    server = start_server(tmp_path, "--model-control", "explicit")
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     with grpc.insecure_channel(server.url) as channel, grpcclient.InferenceServerClient(server.url) as client:
         health = health_pb2_grpc.HealthStub(channel)

@@ -216,7 +216,7 @@ def test_taken_metrics_port_fails_with_a_clear_message(tmp_path):
 def test_unloaded_model_reads_not_ready(tmp_path, start_server):
     add_sub_model(tmp_path, config=BATCHED)
     port = _free_port()
-    server = start_server(tmp_path, "--metrics-port", str(port))
+    server = start_server(tmp_path, "--metrics-port", str(port), "--model-control", "explicit")
     assert _value(_scrape(port), "hotpath_model_ready", "add_sub") == 1
     with grpcclient.InferenceServerClient(server.url) as client:
         client.unload_model("add_sub")

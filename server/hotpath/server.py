@@ -13,6 +13,8 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hotpath._proto._pool import POOL
+from hotpath.evaluation.log import EvaluationLogs
+from hotpath.evaluation.service import SERVICE as EVALUATION_SERVICE, EvaluationService
 from hotpath.observability.metrics import MetricsEndpoint
 from hotpath.observability.stats import StatsStore
 from hotpath.observability.telemetry import configure_tracing
@@ -43,14 +45,16 @@ class Server:
         self.stats = StatsStore()
         self.repository = ModelRepository(repository_path, settings, self.stats)
         self.cache = ResponseCache(settings.cache_bytes) if settings.cache_bytes else None
-        self.dataplane = DataPlane(self.repository, self.cache)
+        self.evaluation = EvaluationLogs(self.repository)
+        self.dataplane = DataPlane(self.repository, self.cache, self.evaluation.logs)
         self.tracing = configure_tracing(settings)
         self.health = Health()
         self.repository.on_change.append(self._on_model_change)
         self.frontend = FrontEnd(settings)
         InferenceServicer(self.dataplane, self.tracing).register(self.frontend)
         self.health.register(self.frontend)
-        self._reflection = reflection.ReflectionServicer((SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), pool=POOL)
+        EvaluationService(self.evaluation).register(self.frontend)
+        self._reflection = reflection.ReflectionServicer((SERVICE, HEALTH_SERVICE, EVALUATION_SERVICE, reflection.SERVICE_NAME), pool=POOL)
         self.frontend.add_stream(REFLECTION, self._reflect)
         self.port = 0
         self._cache_stats: asyncio.Task | None = None
@@ -80,8 +84,10 @@ class Server:
         self.port = self.frontend.start(threads)
         if self.cache is not None:
             self._cache_stats = asyncio.get_running_loop().create_task(self._publish_cache_stats())
-        log.info("listening on %s:%d with %d model version(s), pid %d, native front end with %d gRPC thread(s)",
-                 self.settings.host, self.port, len(self.repository.served()), os.getpid(), threads)
+        security = "mutual TLS" if self.settings.tls_client_ca else "TLS" if self.settings.tls_cert else "plaintext"
+        log.info("listening on %s:%d (%s, model control %s) with %d model version(s), pid %d, native front end with %d gRPC thread(s)",
+                 self.settings.host, self.port, security, self.settings.model_control, len(self.repository.served()),
+                 os.getpid(), threads)
 
     async def stop(self) -> None:
         """Drain as Kubernetes expects: report NOT_SERVING and keep serving for the drain period, then
@@ -94,6 +100,7 @@ class Server:
         self.health.end_watches()
         await self.frontend.stop(self.settings.grace_s)
         await self.repository.close()
+        await self.evaluation.close()
         if self._cache_stats is not None:
             self._cache_stats.cancel()
         if self.tracing is not None:
@@ -139,9 +146,10 @@ async def serve(settings: Settings, repository_path: Path, port_file: Path | Non
     metrics = None
     try:
         if settings.metrics_port:
-            metrics = MetricsEndpoint(server.stats, settings.host, settings.metrics_port, index=server.repository.index)
+            metrics_host = settings.metrics_host or settings.host
+            metrics = MetricsEndpoint(server.stats, metrics_host, settings.metrics_port, index=server.repository.index)
             metrics.start()
-            log.info("Prometheus metrics at http://%s:%d/metrics", settings.host, metrics.port)
+            log.info("Prometheus metrics at http://%s:%d/metrics", metrics_host, metrics.port)
         await server.start()
         log.info("hotpath serving models from %s on %s:%d", repository_path, settings.host, server.port)
         if port_file is not None:

@@ -10,6 +10,10 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hotpath.transport.security import Restriction
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -47,7 +51,35 @@ class Settings:
     """Server-wide response cache budget in bytes; 0 disables the cache for every model."""
 
     metrics_port: int = 8002
-    """HTTP port of the Prometheus metrics endpoint (served on `host` by the top-level process); 0 turns it off."""
+    """HTTP port of the Prometheus metrics endpoint; 0 turns it off."""
+
+    metrics_host: str = ""
+    """Address the metrics endpoint listens on; "" means `host`. The endpoint is plain HTTP without access
+    control, so a server exposed with TLS usually keeps it on 127.0.0.1 or a private interface."""
+
+    tls_cert: Path | None = None
+    """PEM certificate chain the gRPC port presents; with `tls_key` the port speaks TLS only."""
+
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert`."""
+
+    tls_client_ca: Path | None = None
+    """PEM bundle of the CAs whose client certificates are accepted; set, every client must present one
+    (mutual TLS)."""
+
+    tls_reload_s: int = 60
+    """How often the TLS files are re-read, so renewed certificates are served without a restart."""
+
+    model_control: str = "none"
+    """Triton's model control mode: "none" refuses RepositoryModelLoad and RepositoryModelUnload with
+    FAILED_PRECONDITION; "explicit" serves them."""
+
+    restricted_protocols: tuple[Restriction, ...] = ()
+    """Triton's --grpc-restricted-protocol: protocol groups answered only to callers sending a header."""
+
+    model_control_allow_identities: tuple[str, ...] = ()
+    """Client certificate identities (common name or subject alternative name, verified by mutual TLS)
+    admitted to the model-repository RPCs; set, other callers need the restriction header, if any."""
 
     tracing: bool = True
     """False (--no-trace) turns tracing off whatever the OTEL_* variables say."""

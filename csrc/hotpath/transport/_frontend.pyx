@@ -40,6 +40,8 @@ cdef extern from "hotpath/transport/frontend_core.h" namespace "hotpath" nogil:
         cbool streaming()
         int64_t deadline_ns()
         string metadata()
+        string peer()
+        string identities()
         void Unref()
         cbool py_owned
         void* py_handle
@@ -57,6 +59,10 @@ cdef extern from "hotpath/transport/frontend_core.h" namespace "hotpath" nogil:
         int keepalive_min_ping_interval_ms
         int max_connection_age_ms
         vector[string] streaming_methods
+        string tls_cert_path
+        string tls_key_path
+        string tls_client_ca_path
+        int tls_reload_s
 
     cppclass Core:
         Core() except +
@@ -139,6 +145,17 @@ cdef class ServerCall:
             pairs.append((key, value if key.endswith("-bin") else value.decode("utf-8", "replace")))
         return pairs
 
+    def peer(self) -> str:
+        """The client's address as gRPC names it, e.g. "ipv4:127.0.0.1:50000"; for logs, not for trust."""
+        cdef bytes raw = self._call.peer()
+        return raw.decode("utf-8", "replace")
+
+    def identities(self) -> list:
+        """The common name and subject alternative names of the client certificate mutual TLS verified
+        (DNS names, URIs, e-mail addresses, IP addresses as text); empty for a client not verified."""
+        cdef bytes raw = self._call.identities()
+        return [value.decode("utf-8", "replace") for value in raw.split(b"\0") if value]
+
     def write(self, bytes message) -> None:
         """Send one message on a streaming call (queued behind any still being written)."""
         if self.finished:
@@ -196,10 +213,14 @@ cdef class NativeServer:
 
     def start(self, str address, *, int max_message_bytes, int threads, streaming_methods,
               int keepalive_time_ms, int keepalive_timeout_ms, int keepalive_min_ping_interval_ms,
-              int max_connection_age_ms=0, call_soon=None) -> int:
+              int max_connection_age_ms=0, call_soon=None, str tls_cert_path="", str tls_key_path="",
+              str tls_client_ca_path="", int tls_reload_s=60) -> int:
         """Listen on `address` and start the gRPC threads; returns the port, raises OSError when it cannot listen.
 
         `call_soon` is the event loop's: answers are sent once per loop pass (without it, at once).
+        With `tls_cert_path` and `tls_key_path` (PEM files) the port speaks TLS only; with
+        `tls_client_ca_path` too, clients must present a certificate that CA signed. gRPC re-reads
+        the files every `tls_reload_s` seconds and, where they fail to parse, keeps the last good ones.
         """
         self._call_soon = call_soon
         cdef Options options
@@ -210,6 +231,10 @@ cdef class NativeServer:
         options.keepalive_timeout_ms = keepalive_timeout_ms
         options.keepalive_min_ping_interval_ms = keepalive_min_ping_interval_ms
         options.max_connection_age_ms = max_connection_age_ms
+        options.tls_cert_path = tls_cert_path.encode()
+        options.tls_key_path = tls_key_path.encode()
+        options.tls_client_ca_path = tls_client_ca_path.encode()
+        options.tls_reload_s = tls_reload_s
         for method in streaming_methods:
             options.streaming_methods.push_back(method.encode())
         self.port = self._core.Start(address.encode(), options, &error)

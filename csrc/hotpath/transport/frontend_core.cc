@@ -44,6 +44,19 @@ std::string Call::metadata() const {
   return out;
 }
 
+std::string Call::identities() const {
+  std::string out;
+  std::shared_ptr<const grpc::AuthContext> auth = ctx_.auth_context();
+  if (auth == nullptr || !auth->IsPeerAuthenticated()) return out;
+  for (const char* property : {GRPC_X509_CN_PROPERTY_NAME, GRPC_X509_SAN_PROPERTY_NAME}) {
+    for (const grpc::string_ref& value : auth->FindPropertyValues(property)) {
+      out.append(value.data(), value.size());
+      out.push_back('\0');
+    }
+  }
+  return out;
+}
+
 void Call::Unref() {
   if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
 }
@@ -168,6 +181,21 @@ void Call::Proceed(TagOp op, bool ok) {
   }
 }
 
+std::shared_ptr<grpc::ServerCredentials> Core::Credentials(const Options& options) {
+  if (options.tls_cert_path.empty()) return grpc::InsecureServerCredentials();
+  bool mutual = !options.tls_client_ca_path.empty();
+  certificates_ = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      options.tls_key_path, options.tls_cert_path, options.tls_client_ca_path,
+      static_cast<unsigned int>(options.tls_reload_s < 1 ? 1 : options.tls_reload_s));
+  grpc::experimental::TlsServerCredentialsOptions tls(certificates_);
+  tls.watch_identity_key_cert_pairs();
+  if (mutual) {
+    tls.watch_root_certs();
+    tls.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  }
+  return grpc::experimental::TlsServerCredentials(tls);
+}
+
 Core::Core() : event_fd_(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
 
 Core::~Core() {
@@ -188,7 +216,7 @@ int Core::Start(const std::string& address, const Options& options, std::string*
   streaming_methods_.insert(options.streaming_methods.begin(), options.streaming_methods.end());
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(address, Credentials(options), &port);
   builder.RegisterAsyncGenericService(&service_);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);

@@ -11,6 +11,7 @@
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/security/tls_certificate_provider.h>
 
 #include <atomic>
 #include <condition_variable>
@@ -60,6 +61,11 @@ class Call {
   int64_t deadline_ns() const { return deadline_ns_; }
   // The client's metadata as "key\0value\0" pairs, binary values as sent.
   std::string metadata() const;
+  // The client's address as gRPC names it, e.g. "ipv4:127.0.0.1:50000" (not authenticated).
+  std::string peer() const { return ctx_.peer(); }
+  // The common name and subject alternative names of the client certificate that mutual TLS
+  // verified, each followed by '\0'; empty when the client was not verified. Call from one thread.
+  std::string identities() const;
 
   void Ref() { refs_.fetch_add(1, std::memory_order_relaxed); }
   void Unref();
@@ -113,6 +119,13 @@ struct Options {
   int keepalive_min_ping_interval_ms = 10000;
   int max_connection_age_ms = 0;
   std::vector<std::string> streaming_methods;
+  // With a certificate chain and its key the port speaks TLS only; with a client CA as well, every
+  // client must present a certificate that CA signed (mutual TLS). gRPC re-reads the files every
+  // tls_reload_s seconds, so a renewed certificate is served without a restart.
+  std::string tls_cert_path;
+  std::string tls_key_path;
+  std::string tls_client_ca_path;
+  int tls_reload_s = 60;
 };
 
 class Core {
@@ -143,12 +156,15 @@ class Core {
   friend class Call;
   void Push(Event&& event);
   void RequestCall(grpc::ServerCompletionQueue* cq);
+  // Plaintext, TLS or mutual TLS, as the options say; keeps the certificate watcher alive.
+  std::shared_ptr<grpc::ServerCredentials> Credentials(const Options& options);
   bool Post(PostedOp&& op);
   void Send();
   void Serve(grpc::ServerCompletionQueue* cq);
   bool is_streaming(const std::string& method) const { return streaming_methods_.count(method) > 0; }
 
   grpc::AsyncGenericService service_;
+  std::shared_ptr<grpc::experimental::CertificateProviderInterface> certificates_;
   std::unique_ptr<grpc::Server> server_;
   std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs_;
   std::vector<std::thread> threads_;

@@ -11,9 +11,12 @@ from pathlib import Path
 from hotpath import __version__
 from hotpath.cli import health
 from hotpath.cli.environment import exit_on_invalid, read_environment
+from hotpath.cli.evaluate import add_command as add_evaluate_command
+from hotpath.cli.label import add_command as add_label_command
 from hotpath.drift.cli import add_commands as add_drift_commands
 from hotpath.observability.logs import configure_logging
 from hotpath.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, available_cpus, grpc_threads, parse_size
+from hotpath.transport.security import MODEL_CONTROL_MODES, PROTOCOLS, Restriction, check_restrictions, check_tls_files, parse_restriction
 
 log = logging.getLogger("hotpath")
 
@@ -21,6 +24,13 @@ log = logging.getLogger("hotpath")
 def _size(text: str) -> int:
     try:
         return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _restriction(text: str) -> Restriction:
+    try:
+        return parse_restriction(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -57,6 +67,24 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--require-gpu", action="store_true", help="fail KIND_GPU models when CUDA is unavailable instead of using the CPU")
     serve.add_argument("--metrics-port", type=int, default=defaults.metrics_port,
                        help=f"HTTP port of the Prometheus metrics endpoint at /metrics (default {defaults.metrics_port}; 0 turns it off)")
+    serve.add_argument("--metrics-host", default=defaults.metrics_host, metavar="ADDRESS",
+                       help="address of the metrics endpoint (default: --host); plain HTTP without access control")
+    serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="certificate chain to serve TLS with (needs --tls-key); "
+                                                                  "without it the port is plaintext")
+    serve.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                       help="CA bundle for mutual TLS: every client must present a certificate one of these signed")
+    serve.add_argument("--tls-reload-s", type=int, default=defaults.tls_reload_s, metavar="SECONDS",
+                       help=f"re-read the TLS files this often, so renewed certificates need no restart (default {defaults.tls_reload_s})")
+    serve.add_argument("--model-control", default=defaults.model_control, choices=MODEL_CONTROL_MODES,
+                       help="none (default): RepositoryModelLoad and RepositoryModelUnload are refused; explicit: they are served")
+    serve.add_argument("--grpc-restricted-protocol", dest="restricted_protocols", action="append", type=_restriction,
+                       default=[], metavar="PROTOCOL[,PROTOCOL...]:KEY=VALUE",
+                       help=f"as Triton's: serve these protocols ({', '.join(PROTOCOLS)}) only to callers that send "
+                            "header KEY with VALUE; repeatable")
+    serve.add_argument("--model-control-allow-identity", dest="allowed_identities", action="append", default=[], metavar="NAME",
+                       help="admit to the model-repository RPCs callers whose mutual-TLS certificate has NAME as common "
+                            "name or subject alternative name (needs --tls-client-ca); repeatable")
     serve.add_argument("--trace-endpoint", default=defaults.trace_endpoint,
                        help="OTLP collector for traces, e.g. http://localhost:4317 (default: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT; "
                             "tracing is off without either)")
@@ -86,12 +114,28 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0 <= args.metrics_port <= 65535:
         log.error("--metrics-port must be a port number (0 turns the endpoint off), got %d", args.metrics_port)
         return 2
+    if args.tls_reload_s < 1:
+        log.error("--tls-reload-s must be at least 1 second, got %d", args.tls_reload_s)
+        return 2
+    if args.allowed_identities and args.tls_client_ca is None:
+        log.error("--model-control-allow-identity needs --tls-client-ca: only mutual TLS verifies a client's identity")
+        return 2
+    try:
+        check_restrictions(args.restricted_protocols)
+        check_tls_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     settings = Settings(model_repository=args.model_repository, host=args.host, port=args.port,
                         max_message_bytes=args.max_message_size, grpc_threads=args.grpc_threads, cpus=args.cpus,
                         pin_threads=args.pin_threads, require_gpu=args.require_gpu, log_level=args.log_level,
                         cache_bytes=args.cache_size, metrics_port=args.metrics_port, tracing=args.tracing,
                         trace_endpoint=args.trace_endpoint, trace_sampling=args.trace_sampling,
-                        drain_s=args.drain_s, grace_s=args.grace_s, log_format=args.log_format)
+                        drain_s=args.drain_s, grace_s=args.grace_s, metrics_host=args.metrics_host,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                        tls_reload_s=args.tls_reload_s, model_control=args.model_control,
+                        restricted_protocols=tuple(args.restricted_protocols),
+                        model_control_allow_identities=tuple(args.allowed_identities), log_format=args.log_format)
     try:
         tracing = trace_settings(settings)
     except ValueError as exc:
@@ -169,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     _add_tune(subparsers)
     add_drift_commands(subparsers)
+    add_label_command(subparsers)
+    add_evaluate_command(subparsers)
     health.add_command(subparsers)
     return parser
 

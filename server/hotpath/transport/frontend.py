@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError, Message
 
 from hotpath.settings import Settings
 from hotpath.transport._frontend import EVENT_MESSAGE, NativeServer, ServerCall
+from hotpath.transport.security import AccessPolicy
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,11 @@ SHUTDOWN_MARGIN_S = 1.0
 
 
 class FrontEnd:
-    """Routes every call of the native server to its handler: unary by request type, streams by method."""
+    """Routes every call of the native server to its handler: unary by request type, streams by method.
+
+    Handlers of restricted methods (`--grpc-restricted-protocol`, `--model-control-allow-identity`) are
+    wrapped when added, so they first check the caller; every other method is routed as it is.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -48,14 +53,15 @@ class FrontEnd:
         self._streams: dict[str, StreamHandler] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: dict[asyncio.Task, ServerCall] = {}
+        self.access = AccessPolicy(settings.restricted_protocols, settings.model_control_allow_identities)
 
     def add_unary(self, method: str, request_type: type[Message], handler: UnaryHandler) -> None:
         """Serve `method` ("/package.Service/Method") by parsing its one message as `request_type`."""
-        self._unary[method] = (request_type.FromString, handler)
+        self._unary[method] = (request_type.FromString, self.access.guard_unary(method, handler))
 
     def add_stream(self, method: str, handler: StreamHandler) -> None:
         """Serve `method` as a stream: the handler reads the call's messages from a queue."""
-        self._streams[method] = handler
+        self._streams[method] = self.access.guard_stream(method, handler)
 
     @property
     def port(self) -> int:
@@ -68,7 +74,9 @@ class FrontEnd:
         port = self._native.start(
             address, max_message_bytes=self.settings.max_message_bytes, threads=threads, streaming_methods=list(self._streams),
             keepalive_time_ms=KEEPALIVE_TIME_MS, keepalive_timeout_ms=KEEPALIVE_TIMEOUT_MS,
-            keepalive_min_ping_interval_ms=MIN_CLIENT_PING_INTERVAL_MS, call_soon=self._loop.call_soon)
+            keepalive_min_ping_interval_ms=MIN_CLIENT_PING_INTERVAL_MS, call_soon=self._loop.call_soon,
+            tls_cert_path=str(self.settings.tls_cert or ""), tls_key_path=str(self.settings.tls_key or ""),
+            tls_client_ca_path=str(self.settings.tls_client_ca or ""), tls_reload_s=self.settings.tls_reload_s)
         self._loop.add_reader(self._native.fileno(), self._on_events)
         return port
 

@@ -17,6 +17,7 @@ from hotpath.observability.telemetry import Tracing
 from hotpath.serving.dataplane import DataPlane
 from hotpath.transport._frontend import ServerCall
 from hotpath.transport.frontend import FrontEnd
+from hotpath.transport.security import AccessPolicy, ModelControlOff, audit
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,13 @@ class InferenceServicer:
     def __init__(self, dataplane: DataPlane, tracing: Tracing | None = None) -> None:
         self.dataplane = dataplane
         self.tracing = tracing
+        self._model_control = False
+        self._access: AccessPolicy | None = None
 
     def register(self, frontend: FrontEnd) -> None:
-        """Serve every RPC of the service on `frontend`."""
+        """Serve every RPC of the service on `frontend`, with model control as its settings say."""
+        self._model_control = frontend.settings.model_control == "explicit"
+        self._access = frontend.access
         unary = {
             "ServerLive": (pb.ServerLiveRequest, self.server_live),
             "ServerReady": (pb.ServerReadyRequest, self.server_ready),
@@ -103,12 +108,34 @@ class InferenceServicer:
         return self.dataplane.index(request.ready)
 
     async def repository_model_load(self, request: pb.RepositoryModelLoadRequest, call: ServerCall, span: Span | None) -> pb.RepositoryModelLoadResponse:
-        await self.dataplane.load(request.model_name, sorted(request.parameters))
+        await self._control("RepositoryModelLoad", request.model_name, call,
+                            lambda: self.dataplane.load(request.model_name, sorted(request.parameters)))
         return pb.RepositoryModelLoadResponse()
 
     async def repository_model_unload(self, request: pb.RepositoryModelUnloadRequest, call: ServerCall, span: Span | None) -> pb.RepositoryModelUnloadResponse:
-        await self.dataplane.unload(request.model_name, sorted(request.parameters))
+        await self._control("RepositoryModelUnload", request.model_name, call,
+                            lambda: self.dataplane.unload(request.model_name, sorted(request.parameters)))
         return pb.RepositoryModelUnloadResponse()
+
+    async def _control(self, action: str, model: str, call: ServerCall, run: Callable[[], Awaitable[None]]) -> None:
+        """Carry out one model control action when the mode allows it, and write its one audit line."""
+        header_key = self._access.header_key(call.method) if self._access is not None else None
+        if not self._model_control:
+            audit(call, action, model, "refused: FAILED_PRECONDITION, model control is none", header_key)
+            raise ModelControlOff(f"{action} is not allowed: model control is off (mode none); start the server with "
+                                  "--model-control explicit to load and unload models at run time")
+        result = "failed: INTERNAL"
+        try:
+            await run()
+            result = "OK"
+        except InferenceError as exc:
+            result = f"failed: {exc.code.name}: {exc.message[:200]}"
+            raise
+        except asyncio.CancelledError:
+            result = "cancelled"
+            raise
+        finally:
+            audit(call, action, model, result, header_key)
 
     async def model_infer(self, request: pb.ModelInferRequest, call: ServerCall, span: Span | None) -> pb.ModelInferResponse:
         return await self.dataplane.infer(request, call.deadline_ns, span)
