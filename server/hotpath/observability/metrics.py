@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from hotpath import __version__
+from hotpath.evaluation.log import metric_samples as evaluation_samples
 from hotpath.observability.stats import (DURATION_BUCKETS, DURATION_INDEX, EXECUTION_COUNT, FAILURES, GAUGE, HISTOGRAM, INFERENCE_COUNT,
                                          STATUS_NAMES, StatsStore, batch_sizes)
 
@@ -49,6 +50,8 @@ METRICS = {
     "hotpath_cache_evictions_total": ("counter", "Cached responses evicted to stay within the cache budget."),
     "hotpath_cache_entries": ("gauge", "Responses held in the cache."),
     "hotpath_cache_bytes": ("gauge", "Bytes the cached responses take, as charged against the budget."),
+    "hotpath_evaluation_logged_total": ("counter", "Sampled requests written to the evaluation store."),
+    "hotpath_evaluation_dropped_total": ("counter", "Sampled requests left out of the evaluation store (inference unaffected), by reason: queue_full (the writer fell behind) or store_error."),
     "hotpath_model_ready": ("gauge", "1 when the model version serves, 0 when it is unloaded or failed to load (version empty then)."),
     "hotpath_build_info": ("gauge", "Always 1; the labels say which hotpath, Python and ONNX Runtime serve."),
 }
@@ -244,6 +247,7 @@ def render(store: StatsStore, index: ModelIndex | None = None) -> str:
             grouped[metric].extend(lines)
     grouped["hotpath_model_ready"] = _ready_samples(store, index)
     grouped["hotpath_build_info"] = [f"hotpath_build_info{{{_build_labels()}}} 1"]
+    grouped.update(evaluation_samples())
     grouped.update(_process_samples())
     out = []
     for metric, (kind, text) in families.items():

@@ -6,7 +6,8 @@ The gRPC servicer converts nothing and decides nothing; it calls one method here
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from opentelemetry.trace import Span
 
@@ -21,6 +22,9 @@ from hotpath.serving.cache import ResponseCache, request_key
 from hotpath.serving.model import Model
 from hotpath.serving.repository import ModelRepository, check_model_name
 
+if TYPE_CHECKING:
+    from hotpath.evaluation.log import PredictionLog
+
 EXTENSIONS = ("model_repository", "statistics", "model_configuration", "schedule_policy")
 """The protocol extensions ServerMetadata reports."""
 
@@ -31,9 +35,12 @@ STREAM_ENVELOPE_BYTES = 6
 class DataPlane:
     """What the server does, independent of how requests arrive."""
 
-    def __init__(self, repository: ModelRepository, cache: ResponseCache | None = None) -> None:
+    def __init__(self, repository: ModelRepository, cache: ResponseCache | None = None,
+                 prediction_logs: Mapping[str, PredictionLog] | None = None) -> None:
+        """`prediction_logs` (model name -> log, kept current by its owner) receives each logged model's requests."""
         self.repository = repository
         self.cache = cache
+        self._prediction_logs = prediction_logs if prediction_logs is not None else {}
         self._message_limit = repository.settings.max_message_bytes
         repository.on_change.append(self._on_model_change)
 
@@ -97,6 +104,8 @@ class DataPlane:
                 self.cache.put(model.name, cache_key, response.SerializeToString())
                 response.id = request.id
                 model.stats.add("cache_miss", lookup_ns + time.monotonic_ns() - insert)
+            if self._prediction_logs and (prediction_log := self._prediction_logs.get(model.name)) is not None:
+                prediction_log.offer(model, request, inputs, outputs, response)
         except InferenceError as exc:
             model.stats.request_done(False, time.monotonic_ns() - start, 0, exc.code)
             raise

@@ -1,0 +1,192 @@
+"""End to end: a scikit-learn classifier served with its prediction log on, traffic over gRPC, labels attached
+later over gRPC and with `hotpath label`, `hotpath evaluate` checked against scikit-learn; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from sklearn import metrics
+from sklearn.datasets import load_breast_cancer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from evaluation_stores import postgres, store_location  # noqa: F401
+from hotpath._proto import evaluation_pb2, evaluation_pb2_grpc
+from hotpath._proto import grpc_service_pb2 as pb
+from hotpath._proto import grpc_service_pb2_grpc
+from hotpath.evaluation.log import FLUSH_INTERVAL_S
+from hotpath.evaluation.store import Store
+
+SPAN_S = 3.0
+"""Each burst of traffic gets a span of its own; the bursts take well under a second."""
+BURSTS = 3
+SINGLE = 45
+UNNAMED = 3
+
+
+def classifier_repository(repo: Path, store: str) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A logistic regression on scikit-learn's bundled breast cancer data, as ONNX (outputs `label`, `probabilities`),
+    in `repo` as model `cancer` logging every request to `store` (empty: the default SQLite file)."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+
+    data = load_breast_cancer()
+    x, y = data.data.astype(np.float32), data.target.astype(np.int64)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x[::2], y[::2])
+    onnx_model = to_onnx(model, initial_types=[("features", FloatTensorType([None, x.shape[1]]))], options={"zipmap": False},
+                         target_opset={"": 17, "ai.onnx.ml": 3})
+    (repo / "cancer" / "1").mkdir(parents=True)
+    (repo / "cancer" / "1" / "model.onnx").write_bytes(onnx_model.SerializeToString())
+    store_line = f' store: "{store}"' if store else ""
+    (repo / "cancer" / "config.pbtxt").write_text(f'name: "cancer"\nmax_batch_size: 64\nevaluation {{ sample_rate: 1.0{store_line} }}\n')
+    return repo / "cancer", x, y
+
+
+def _request(rows: np.ndarray, request_id: str) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="cancer", id=request_id)
+    request.inputs.add(name="features", datatype="FP32", shape=list(rows.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(rows, np.float32).tobytes())
+    return request
+
+
+def _labels(response: pb.ModelInferResponse) -> list[int]:
+    index = [o.name for o in response.outputs].index("label")
+    return np.frombuffer(response.raw_output_contents[index], np.int64).tolist()
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat()
+
+
+def _hotpath(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hotpath.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def _sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.time()))
+
+
+def test_logged_predictions_late_labels_and_quality_per_span(tmp_path: Path, start_server, store_location: str) -> None:
+    postgres_store = store_location.startswith("postgresql://")
+    repo = tmp_path / "repo"
+    model_dir, x, y = classifier_repository(repo, store_location if postgres_store else "")
+    server = start_server(repo)
+    channel = grpc.insecure_channel(server.url)
+    infer = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+    attach = evaluation_pb2_grpc.EvaluationStub(channel).AttachLabels
+
+    # Each burst: single-row requests with ids, some without (the server names them), one 4-row request.
+    predicted: dict[tuple[str, int], int] = {}
+    truth: dict[tuple[str, int], int] = {}
+    bursts: list[list[tuple[str, int]]] = []
+    start = math.ceil(time.time()) + 1.0
+    for burst in range(BURSTS):
+        _sleep_until(start + burst * SPAN_S + 0.3)
+        keys = []
+        base = burst * 60
+        for i in range(SINGLE + UNNAMED):
+            row = base + i
+            response = infer(_request(x[row:row + 1], f"s{burst}-{i}" if i < SINGLE else ""), timeout=10)
+            assert response.id, "a logged request without an id gets one from the server"
+            if i < SINGLE:
+                assert response.id == f"s{burst}-{i}"
+            keys.append((response.id, 0))
+            predicted[(response.id, 0)], truth[(response.id, 0)] = _labels(response)[0], int(y[row])
+        rows = x[base + 50:base + 54]
+        response = infer(_request(rows, f"b{burst}"), timeout=10)
+        for r, label in enumerate(_labels(response)):
+            keys.append((f"b{burst}", r))
+            predicted[(f"b{burst}", r)], truth[(f"b{burst}", r)] = label, int(y[base + 50 + r])
+        assert time.time() < start + (burst + 1) * SPAN_S - 0.3, "a burst overran its span; the machine is too loaded"
+        bursts.append(keys)
+    until = start + BURSTS * SPAN_S
+    _sleep_until(until)
+
+    # Labels, late: burst 0 over gRPC, bursts 1 and 2 with `hotpath label`; the last 5 rows of each stay unlabelled.
+    labelled = {key: truth[key] for keys in bursts for key in keys[:-5]}
+    sent = [evaluation_pb2.Label(id=key[0], row=key[1], int_value=labelled[key]) for key in bursts[0][:-5]]
+    sent += [evaluation_pb2.Label(id="nobody-sent-this", int_value=1), evaluation_pb2.Label(id="s0-0", row=3, int_value=1)]
+    answer = attach(evaluation_pb2.AttachLabelsRequest(model_name="cancer", labels=sent), timeout=30)
+    assert (answer.attached, answer.unknown, list(answer.unknown_ids)) == (len(sent) - 2, 2, ["nobody-sent-this", "s0-0"])
+    with pytest.raises(grpc.RpcError) as missing:
+        attach(evaluation_pb2.AttachLabelsRequest(model_name="no_such_model", labels=sent[:1]), timeout=10)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("id,row,label\n" + "".join(f"{key[0]},{key[1]},{labelled[key]}\n" for key in bursts[1][:-5]) + "ghost,0,1\n")
+    jsonl_file = tmp_path / "labels.jsonl"
+    jsonl_file.write_text("".join(json.dumps({"id": key[0], "row": key[1], "label": labelled[key]}) + "\n" for key in bursts[2][:-5]))
+    common = ["--model", "cancer", "--model-repository", str(repo)]
+    done = _hotpath("label", str(csv_file), *common)
+    assert done.returncode == 1 and f"{len(bursts[1]) - 5} label(s) attached, 1 unknown id(s)" in done.stdout and "unknown: ghost" in done.stdout, done
+    done = _hotpath("label", str(jsonl_file), *common)
+    assert done.returncode == 0, done
+
+    window = ["--last", f"{BURSTS * SPAN_S:g}s", "--span", f"{SPAN_S:g}s", "--until", _iso(until), "--min-labels", "20"]
+    result_file = tmp_path / "result.json"
+    done = _hotpath("evaluate", *common, *window, "--json", str(result_file), "--report", str(tmp_path / "report.html"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(result_file.read_text())
+    assert len(result["spans"]) == BURSTS
+    for keys, span in zip(bursts, result["spans"]):
+        rows = [key for key in keys if key in labelled]
+        assert (span["rows"], span["labelled"], span["status"]) == (len(keys), len(rows), "ok")
+        assert span["metrics"]["accuracy"] == pytest.approx(metrics.accuracy_score([truth[k] for k in rows], [predicted[k] for k in rows]))
+    assert "Quality report: cancer" in (tmp_path / "report.html").read_text()
+
+    flipped = tmp_path / "flipped.csv"
+    flipped.write_text("id,row,label\n" + "".join(f"{key[0]},{key[1]},{1 - labelled[key]}\n" for key in bursts[2][:-5]))
+    assert _hotpath("label", str(flipped), *common).returncode == 0
+    done = _hotpath("evaluate", *common, *window, "--json", str(result_file), "--no-report")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert [s["status"] for s in json.loads(result_file.read_text())["spans"]] == ["ok", "ok", "alert"]
+    assert "ALERT" in done.stdout
+
+    suggestions = tmp_path / "suggest.csv"
+    done = _hotpath("evaluate", *common, *window, "--suggest", "4", "--output", str(suggestions))
+    assert done.returncode == 0, done.stderr
+    picked = [line.split(",") for line in suggestions.read_text().splitlines()[1:]]
+    unlabelled = {key for keys in bursts for key in keys[-5:]}
+    assert len(picked) == 4 and all((r, int(row)) in unlabelled for r, row, _ in picked)
+
+    # A server killed mid-traffic leaves a readable store holding everything written before.
+    sent_late = []
+
+    def traffic() -> None:
+        for i in range(10_000):
+            try:
+                infer(_request(x[i % len(x):i % len(x) + 1], f"late-{i}"), timeout=10)
+            except grpc.RpcError:
+                return
+            sent_late.append(i)
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    while len(sent_late) < 50:
+        time.sleep(0.01)
+    time.sleep(FLUSH_INTERVAL_S * 3)
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    sender.join()
+    location = store_location if postgres_store else str(model_dir / "evaluation" / "store.sqlite")
+    if not postgres_store:
+        with sqlite3.connect(location) as connection:
+            assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    store = Store(location)
+    logged, labels = store.counts("cancer")
+    store.close()
+    assert BURSTS * (SINGLE + UNNAMED + 1) + 50 <= logged <= BURSTS * (SINGLE + UNNAMED + 1) + len(sent_late)
+    assert labels == len(labelled)
