@@ -83,7 +83,8 @@ def make_authority(directory: Path, name: str) -> Authority:
     issuer = (ca_cert, ca_key)
     server = _issue(directory, "server", "hotpath test server", issuer,
                     [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])[0]
-    admin = _issue(directory, "admin", "admin-client", issuer, [x509.DNSName("admin.example")])[0]
+    admin = _issue(directory, "admin", "admin-client", issuer,
+                   [x509.DNSName("admin.example"), x509.UniformResourceIdentifier("spiffe://example/deployer")])[0]
     intruder = _issue(directory, "intruder", "intruder", issuer)[0]
     return Authority(ca, server, admin, intruder)
 
@@ -115,12 +116,12 @@ def live(url: str, creds: grpc.ChannelCredentials | None) -> grpc.StatusCode:
             return exc.code()
 
 
-def infer(client: grpcclient.InferenceServerClient) -> np.ndarray:
+def infer(client: grpcclient.InferenceServerClient, headers: dict[str, str] | None = None) -> np.ndarray:
     x = np.arange(16, dtype=np.float32)[None, :]
     inputs = [grpcclient.InferInput(name, [1, 16], "FP32") for name in ("INPUT0", "INPUT1")]
     for tensor in inputs:
         tensor.set_data_from_numpy(x)
-    return client.infer("add_sub", inputs).as_numpy("OUTPUT0")
+    return client.infer("add_sub", inputs, headers=headers).as_numpy("OUTPUT0")
 
 
 def tls_client(url: str, ca: Pem, client: Pem | None = None) -> grpcclient.InferenceServerClient:
@@ -272,10 +273,22 @@ def test_model_control_is_off_by_default_and_says_how_to_turn_it_on(server):
     assert any("RepositoryModelUnload model 'add_sub'" in line and "refused: FAILED_PRECONDITION" in line for line in lines), lines
 
 
-def test_restricted_model_repository_needs_the_header(tmp_path, start_server, grpcurl):
+def test_restricted_protocols_answer_only_callers_with_their_header(tmp_path, start_server, grpcurl):
     add_sub_model(tmp_path)
-    server = start_server(tmp_path, "--model-control", "explicit", "--grpc-restricted-protocol", f"model-repository:Admin-Key={SECRET}")
+    server = start_server(tmp_path, "--model-control", "explicit", "--grpc-restricted-protocol", f"model-repository:Admin-Key={SECRET}",
+                          "--grpc-restricted-protocol", "inference,metadata:infer-key=open-sesame")
     with grpcclient.InferenceServerClient(server.url) as client:
+        error = refused(infer, client)
+        assert error.status() == "StatusCode.PERMISSION_DENIED" and "'infer-key'" in error.message(), error
+        assert refused(client.get_model_metadata, "add_sub").status() == "StatusCode.PERMISSION_DENIED"
+        assert client.get_model_metadata("add_sub", headers={"infer-key": "open-sesame"}).name == "add_sub"
+        assert client.is_server_ready() and client.get_model_config("add_sub"), "unrestricted protocols stay open"
+        with grpc.insecure_channel(server.url) as channel:
+            stream = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([pb.ModelInferRequest()]))
+            with pytest.raises(grpc.RpcError) as raised:
+                list(stream)
+            assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED and "ModelStreamInfer is restricted" in raised.value.details()
+
         for headers in (None, {"admin-key": "wrong"}, {"other": SECRET}):
             error = refused(client.unload_model, "add_sub", headers=headers)
             assert error.status() == "StatusCode.PERMISSION_DENIED", error
@@ -283,7 +296,7 @@ def test_restricted_model_repository_needs_the_header(tmp_path, start_server, gr
             assert SECRET not in error.message()
         assert refused(client.get_model_repository_index).status() == "StatusCode.PERMISSION_DENIED"
         assert client.is_model_ready("add_sub"), "a refused unload leaves the model serving"
-        np.testing.assert_array_equal(infer(client), 2 * np.arange(16, dtype=np.float32)[None, :])
+        np.testing.assert_array_equal(infer(client, {"infer-key": "open-sesame"}), 2 * np.arange(16, dtype=np.float32)[None, :])
 
         client.unload_model("add_sub", headers={"admin-key": SECRET})
         assert not client.is_model_ready("add_sub")
@@ -337,7 +350,8 @@ def test_model_control_restricted_to_allowed_client_identities(tmp_path, start_s
     assert "RepositoryModelUnload model 'add_sub' by ipv4:127.0.0.1:" in lines[0]
     assert "identity 'intruder' header 'admin-key' absent: refused: PERMISSION_DENIED" in lines[0], lines
     assert "identity 'intruder' header 'admin-key' present: OK" in lines[1], lines
-    assert all("identity 'admin-client','admin.example'" in line and line.endswith(": OK") for line in lines[2:5]), lines
+    admin = "identity 'admin-client','admin.example','spiffe://example/deployer'"
+    assert all(admin in line and line.endswith(": OK") for line in lines[2:5]), lines
     assert "identity 'intruder'" in lines[5] and "refused: PERMISSION_DENIED" in lines[5], lines
 
 

@@ -43,7 +43,8 @@ class FrontEnd:
     """Routes every call of the native server to its handler: unary by request type, streams by method.
 
     Handlers of restricted methods (`--grpc-restricted-protocol`, `--model-control-allow-identity`) are
-    wrapped when added, so they first check the caller; every other method is routed as it is.
+    wrapped when added, so they first check the caller against `access`, the server's AccessPolicy;
+    every other method is routed as it is.
     """
 
     def __init__(self, settings: Settings) -> None:
