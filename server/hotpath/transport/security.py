@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import Message
 
+from hotpath._proto import grpc_service_pb2 as pb
 from hotpath.errors import InferenceError
 from hotpath.transport._frontend import ServerCall
 
@@ -27,7 +28,7 @@ audit_log = logging.getLogger("hotpath.audit")
 """One line per model control action: who asked (address, certificate identity, restriction header
 present or not), what (load or unload of which model) and the result."""
 
-SERVICE = "inference.GRPCInferenceService"
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PROTOCOLS: dict[str, tuple[str, ...]] = {
     "health": ("ServerLive", "ServerReady", "ModelReady"),
     "metadata": ("ServerMetadata", "ModelMetadata"),
@@ -141,7 +142,7 @@ def audit(call: ServerCall, action: str, model: str, result: str, header_key: st
 class AccessPolicy:
     """Which RPCs are restricted and what admits a caller to them; built once from the settings.
 
-    Unrestricted methods pay nothing: `guard` returns their handler unchanged.
+    Unrestricted methods pay nothing: `guard_unary` and `guard_stream` return their handlers unchanged.
     """
 
     def __init__(self, restrictions: Iterable[Restriction], allowed_identities: Iterable[str]) -> None:
