@@ -106,7 +106,7 @@ def test_counters_add_up_to_requests_sent_by_status(tmp_path, start_server):
     try:
         assert _send(server.url, "add_sub", rows=2, count=30) == 0
         assert _send(server.url, "add_sub", rows=9, count=4) == 4, "9 rows is over max_batch_size: INVALID_ARGUMENT"
-        assert _send(server.url, "matmul", rows=1, count=3, width=3, names=("X",)) == 3, "wrong width fails in ONNX Runtime: INTERNAL"
+        assert _send(server.url, "matmul", rows=1, count=3, width=3, names=("X",)) == 3, "wrong width fails in ONNX Runtime: INVALID_ARGUMENT"
         assert _send(server.url, "matmul", rows=1, count=5, width=4, names=("X",)) == 0
     finally:
         stop.set()
@@ -129,7 +129,7 @@ def test_counters_add_up_to_requests_sent_by_status(tmp_path, start_server):
     assert _value(samples, "hotpath_replica_busy_seconds_total", "add_sub") > 0
 
     assert _value(samples, "hotpath_request_success_total", "matmul") == 5
-    assert _value(samples, "hotpath_request_failure_total", "matmul", reason="INTERNAL") == 3
+    assert _value(samples, "hotpath_request_failure_total", "matmul", reason="INVALID_ARGUMENT") == 3
     failures = {key: value for key, value in samples.items() if key[0] == "hotpath_request_failure_total"}
     assert sum(failures.values()) == 7, failures
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import ServerProcess
-from models import identity_model, string_cast_model
+from models import add_sub_model, string_cast_model
 from test_batching import slow_model
 
 GATHER = ('max_batch_size: 64\ndynamic_batching { max_queue_delay_microseconds: 20000 }\n'
@@ -99,3 +102,82 @@ def test_overload_sheds_with_resource_exhausted_and_recovers_at_once(tmp_path: P
     shed = sum(isinstance(r, str) for r in results)
     assert 0 < shed < 300
     assert after_s < 5, "the first request after the burst is served at once"
+
+
+def test_control_plane_chaos_under_traffic_leaves_every_other_model_serving(tmp_path: Path, start_server) -> None:
+    add_sub_model(tmp_path, "steady")
+    add_sub_model(tmp_path, "cycled")
+    add_sub_model(tmp_path, "bad_reference", config='max_batch_size: 8\ndrift { enable: true }\n')
+    (tmp_path / "bad_reference" / "drift").mkdir()
+    (tmp_path / "bad_reference" / "drift" / "reference.json").write_text("[]")
+    (tmp_path / "corrupt" / "1").mkdir(parents=True)
+    (tmp_path / "corrupt" / "1" / "model.onnx").write_bytes(b"\x08\x07garbage")
+    server: ServerProcess = start_server(tmp_path, "--model-control", "explicit")
+    statuses: collections.Counter[str] = collections.Counter()
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with grpcclient.InferenceServerClient(server.url) as client:
+            inputs = [grpcclient.InferInput(name, [1, 16], "FP32") for name in ("INPUT0", "INPUT1")]
+            for tensor in inputs:
+                tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+            while not stop.is_set():
+                try:
+                    client.infer("steady", inputs, client_timeout=10)
+                    statuses["OK"] += 1
+                except InferenceServerException as exc:
+                    statuses[exc.status()] += 1
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    answers: collections.Counter[str] = collections.Counter()
+    try:
+        with grpcclient.InferenceServerClient(server.url) as client:
+            names = ["cycled", "bad_reference", "corrupt", "x" * 300, "../steady", "a/b", "", "ünïcode", "not_there"]
+            for round_number in range(10):
+                for name in names:
+                    for action in (client.load_model, client.unload_model):
+                        try:
+                            action(name, client_timeout=10)
+                            answers["OK"] += 1
+                        except InferenceServerException as exc:
+                            answers[exc.status()] += 1
+            client.load_model("cycled", client_timeout=10)
+            assert client.is_model_ready("cycled") and client.is_model_ready("steady")
+    finally:
+        stop.set()
+        sender.join()
+    assert set(answers) <= {"OK", "StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND"}, answers
+    assert statuses["OK"] > 0 and set(statuses) == {"OK"}, statuses
+
+
+def test_sigterm_under_load_cancels_nothing_and_answers_every_call(tmp_path: Path, start_server) -> None:
+    add_sub_model(tmp_path, config='max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 2000 }\n')
+    server: ServerProcess = start_server(tmp_path, "--drain-s", "1", "--grace-s", "5")
+
+    async def main() -> collections.Counter[str]:
+        outcomes: collections.Counter[str] = collections.Counter()
+        async with aioclient.InferenceServerClient(server.url) as client:
+            inputs = [aioclient.InferInput(name, [1, 16], "FP32") for name in ("INPUT0", "INPUT1")]
+            for tensor in inputs:
+                tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+
+            async def sender() -> None:
+                while server.proc.poll() is None:
+                    try:
+                        await client.infer("add_sub", inputs, client_timeout=10)
+                        outcomes["OK"] += 1
+                    except InferenceServerException as exc:
+                        outcomes[exc.status()] += 1
+                        await asyncio.sleep(0.01)
+
+            senders = [asyncio.create_task(sender()) for _ in range(32)]
+            await asyncio.sleep(1.0)
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(asyncio.gather(*senders), timeout=30)
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    print(f"drain under load: {dict(outcomes)}")
+    assert server.proc.wait(timeout=30) == 0
+    assert outcomes["OK"] > 100 and set(outcomes) <= {"OK", "StatusCode.UNAVAILABLE"}, outcomes
