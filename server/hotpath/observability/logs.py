@@ -50,8 +50,8 @@ class ThrottledLog:
         self._interval_s = interval_s
         self._last: dict[object, tuple[float, int]] = {}
 
-    def log(self, level: int, key: object, message: str, *args: object) -> None:
-        """Log `message % args` under `key` unless a line for `key` went out within the interval."""
+    def log(self, level: int, key: object, message: str, *args: object, exc_info: BaseException | None = None) -> None:
+        """Log `message % args` (with `exc_info`'s traceback) under `key` unless a line for `key` went out within the interval."""
         now = time.monotonic()
         last, suppressed = self._last.get(key, (-math.inf, 0))
         if now - last < self._interval_s:
@@ -62,4 +62,4 @@ class ThrottledLog:
         self._last[key] = (now, 0)
         if suppressed:
             message += f" ({suppressed} more like it in the last {now - last:.0f} s)"
-        self._logger.log(level, message, *args)
+        self._logger.log(level, message, *args, exc_info=exc_info)

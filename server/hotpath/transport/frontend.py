@@ -14,11 +14,13 @@ from collections.abc import Awaitable, Callable
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from hotpath.observability.logs import ThrottledLog
 from hotpath.settings import Settings
 from hotpath.transport._frontend import EVENT_MESSAGE, NativeServer, ServerCall
 from hotpath.transport.security import AccessPolicy
 
 log = logging.getLogger(__name__)
+_failures = ThrottledLog(log)
 
 UnaryHandler = Callable[[Message, ServerCall], Awaitable[None]]
 """Answers one parsed request on its call (and finishes the call)."""
@@ -120,7 +122,7 @@ class FrontEnd:
             return
         error = None if task.cancelled() else task.exception()
         if error is not None:
-            log.error("%s failed", call.method, exc_info=error)
+            _failures.log(logging.ERROR, call.method, "%s failed", call.method, exc_info=error)
             call.finish(grpc.StatusCode.INTERNAL.value[0], f"{call.method} failed: {type(error).__name__}: {error}")
         else:
             call.finish(grpc.StatusCode.CANCELLED.value[0], "the server is shutting down")

@@ -13,6 +13,7 @@ from opentelemetry.trace import Span
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath.errors import InferenceError
 from hotpath.observability import telemetry
+from hotpath.observability.logs import ThrottledLog
 from hotpath.observability.telemetry import Tracing
 from hotpath.serving.dataplane import DataPlane
 from hotpath.transport._frontend import ServerCall
@@ -20,6 +21,7 @@ from hotpath.transport.frontend import FrontEnd
 from hotpath.transport.security import AccessPolicy, ModelControlOff, audit
 
 log = logging.getLogger(__name__)
+_failures = ThrottledLog(log)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 OK = grpc.StatusCode.OK.value[0]
@@ -74,7 +76,7 @@ class InferenceServicer:
             except asyncio.CancelledError:
                 code, message = grpc.StatusCode.CANCELLED, "the call was cancelled"
             except Exception as exc:
-                log.exception("%s failed", name)
+                _failures.log(logging.ERROR, name, "%s failed", name, exc_info=exc)
                 code, message = grpc.StatusCode.INTERNAL, f"{name} failed: {type(exc).__name__}: {exc}"
             finally:
                 if span is not None:
@@ -156,7 +158,7 @@ class InferenceServicer:
                 response = pb.ModelStreamInferResponse(error_message=exc.message, infer_response=pb.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id))
             except Exception as exc:
-                log.exception("stream request failed")
+                _failures.log(logging.ERROR, "ModelStreamInfer", "stream request failed", exc_info=exc)
                 response = pb.ModelStreamInferResponse(error_message=f"internal error: {type(exc).__name__}: {exc}",
                                                        infer_response=pb.ModelInferResponse(id=request.id))
             call.write(response.SerializeToString())
