@@ -21,10 +21,11 @@ import numpy as np
 PSI_FLOOR = 1e-4
 """Smallest bin share PSI uses, so that an empty bin gives a large but finite term."""
 METRICS = ("ks", "d1", "psi", "js")
-NOISE_QUANTILE = 0.999
-"""Share of spans without drift whose distance stays under its noise threshold (per distance and feature)."""
+NOISE_QUANTILE = 0.9999
+"""Share of spans without drift whose distance stays under its noise threshold (per distance and
+feature): a 256-feature model sees a false drift in about one clean span in ten."""
 NULL_SAMPLES = 2000
-"""Resampled no-drift spans per feature and span size."""
+"""Resampled no-drift spans per feature and span size; their tail is extrapolated (see `tail_quantile`)."""
 SIZE_STEPS_PER_DOUBLING = 4
 """Span sizes are rounded down to 2**(1/4) steps for the noise model: a few percent more noise
 (a conservative threshold), computed once per step instead of once per span."""
@@ -70,19 +71,36 @@ def calibration_size(values: int) -> int:
 class NoiseModel:
     """Noise thresholds per feature and span size for one reference, each computed once.
 
-    Seeded by feature name and size, so a job gives the same verdict every time it runs. Not
+    Seeded by what they depend on, so a job gives the same verdict every time it runs. Not
     thread-safe: one job run owns it.
     """
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, int], dict[str, float]] = {}
+        self._cache: dict[tuple, dict[str, float] | float] = {}
 
     def thresholds(self, name: str, reference: np.ndarray, values: int, ordered: bool) -> dict[str, float]:
         """Per distance, the value that NOISE_QUANTILE of no-drift spans of `values` values stay under."""
         size = calibration_size(values)
-        key = (name, size)
+        key = ("distances", name, size)
         if key not in self._cache:
             self._cache[key] = _null_quantiles(reference, size, ordered, zlib.crc32(f"{name}:{size}".encode()))
+        return self._cache[key]
+
+    def share_limit(self, alpha: float, beta: float, values: int) -> float:
+        """The share of a span's values that NOISE_QUANTILE of no-drift spans of `values` values stay
+        under, when what the reference shows makes a value's chance Beta(alpha, beta): for a rate
+        seen in `k` of `n` reference values, Beta(k, n - k); for falling outside the range of `n`
+        reference values, Beta(2, n - 1) (the two outer spacings of their order statistics)."""
+        if alpha <= 0:
+            return 0.0
+        if beta <= 0:
+            return 1.0
+        size = calibration_size(values)
+        key = ("share", alpha, beta, size)
+        if key not in self._cache:
+            rng = np.random.default_rng(zlib.crc32(f"{alpha}:{beta}:{size}".encode()))
+            chance = rng.beta(alpha, beta, NULL_SAMPLES)
+            self._cache[key] = tail_quantile(rng.binomial(size, chance) / size, squared=False)
         return self._cache[key]
 
 
@@ -94,7 +112,18 @@ def _null_quantiles(reference: np.ndarray, values: int, ordered: bool, seed: int
     current = np.zeros((NULL_SAMPLES, reference.size))
     current[:, support] = rng.multinomial(values, masses)
     null = distance_arrays(reference, current, ordered)
-    return {metric: float(np.quantile(null[metric], NOISE_QUANTILE)) for metric in METRICS if metric in null}
+    return {metric: tail_quantile(null[metric], squared=metric != "psi") for metric in METRICS if metric in null}
+
+
+def tail_quantile(null: np.ndarray, squared: bool) -> float:
+    """NOISE_QUANTILE of a null sample too small to hold it: extrapolated from its 90% and 99% quantiles
+    on the scale where its tail is close to exponential (PSI is a chi-square, the other distances are
+    the roots of one, and KS's square has the Kolmogorov tail), and never under the 99.9% quantile."""
+    scale = null * null if squared else null
+    q90, q99, q999 = np.quantile(scale, [0.9, 0.99, 0.999])
+    decades = -math.log10(1.0 - NOISE_QUANTILE) - 2.0
+    value = max(q99 + decades * (q99 - q90), q999)
+    return float(math.sqrt(value) if squared else value)
 
 
 def _first_over(distances_by_shift: dict[str, np.ndarray], limits: dict[str, float], shifts: np.ndarray) -> float | None:

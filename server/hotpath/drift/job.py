@@ -237,7 +237,7 @@ def _judge_distances(result: FeatureResult, reference: dict, ref_hist: np.ndarra
 
 
 def evaluate_feature(name: str, reference: dict, current: dict | None, limits: Thresholds,
-                     noise: NoiseModel) -> FeatureResult:
+                     noise_model: NoiseModel) -> FeatureResult:
     """Compare one feature's span counts with its reference counts."""
     kind = reference["kind"]
     if current is None:
@@ -251,11 +251,6 @@ def evaluate_feature(name: str, reference: dict, current: dict | None, limits: T
         result.current_mean, result.current_std = moments(current)
         ref_hist = np.asarray(reference["bins"], dtype=np.float64)
         cur_hist = np.asarray(current["bins"], dtype=np.float64)
-        outside = current["below"] + current["above"]
-        if reference["range"]:
-            rules.append(("out_of_range", f"outside the reference range [{reference['range'][0]:.4g}, "
-                          f"{reference['range'][1]:.4g}] ({current['below']} below, {current['above']} above)",
-                          outside, cur_hist.sum(), 0, 1))
     else:
         ref_hist = np.asarray(reference["counts"] + [reference["unseen"]], dtype=np.float64)
         cur_hist = np.asarray(current["counts"] + [current["unseen"]], dtype=np.float64)
@@ -263,16 +258,27 @@ def evaluate_feature(name: str, reference: dict, current: dict | None, limits: T
                       reference["unseen"], ref_hist.sum()))
     for rule, what, part, whole, ref_part, ref_whole in rules:
         share, ref_share = _share(part, whole), _share(ref_part, ref_whole)
-        if part and share > ref_share + getattr(limits, rule):
+        noise = noise_model.share_limit(ref_part, ref_whole - ref_part, int(whole)) if whole else 0.0
+        if part and share > max(ref_share + getattr(limits, rule), noise):
             result.quality.append(rule)
             result.findings.append(f"{rule}: {part} of {int(whole)} values ({_percent(share)}) {what}; "
                                    f"reference {_percent(ref_share)}")
+    outside = current["below"] + current["above"] if kind == "numeric" else 0
+    if outside and reference["range"]:
+        share = _share(outside, cur_hist.sum())
+        limit = max(limits.out_of_range, noise_model.share_limit(2, ref_hist.sum() - 1, int(cur_hist.sum())))
+        if share > limit:
+            result.quality.append("out_of_range")
+            result.findings.append(f"out_of_range: {outside} of {int(cur_hist.sum())} values ({_percent(share)}) "
+                                   f"outside the reference range [{reference['range'][0]:.4g}, "
+                                   f"{reference['range'][1]:.4g}] ({current['below']} below, {current['above']} "
+                                   f"above); at most {_percent(limit)} expected")
     values = int(cur_hist.sum())
     if values < limits.min_count or not ref_hist.sum():
         result.status = "alert" if result.quality else "too_small"
         result.findings.append(f"{values} values, fewer than min_count {limits.min_count}: distances not computed")
         return result
-    _judge_distances(result, reference, ref_hist, cur_hist, limits, noise)
+    _judge_distances(result, reference, ref_hist, cur_hist, limits, noise_model)
     if result.drifted and limits.important:
         result.findings.append("important feature: any drift alerts")
     if result.quality or result.severe or (result.drifted and limits.important):
