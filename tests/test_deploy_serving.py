@@ -14,13 +14,19 @@ from pathlib import Path
 import pytest
 
 from hotpath.cli import build_parser, main
-from hotpath.cli.environment import variable_name
+from hotpath.cli.environment import resolve_environment, variable_name
 from models import identity_model
 
 
 def _serve_parser() -> argparse.ArgumentParser:
     subparsers = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction))
     return subparsers.choices["serve"]
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    resolve_environment(args)
+    return args
 
 
 def _health(server, *args: str) -> subprocess.CompletedProcess:
@@ -48,6 +54,9 @@ def test_variables_set_serve_flags_and_flags_beat_them(monkeypatch):
     assert (args.pin_threads, args.tracing, args.log_format, args.host, args.require_gpu) == (True, False, "json", "0.0.0.0", False)
     monkeypatch.setenv("HOTPATH_PIN_THREADS", "0")
     assert build_parser().parse_args(["serve"]).pin_threads is False
+    monkeypatch.setenv("HOTPATH_MODEL_CONTROL_ALLOW_IDENTITY", "deployer 'CN=ops team'")
+    assert _parse(["serve"]).allowed_identities == ["deployer", "CN=ops team"]
+    assert _parse(["serve", "--model-control-allow-identity", "x", "--model-control-allow-identity", "y"]).allowed_identities == ["x", "y"]
 
 
 @pytest.mark.parametrize(("variable", "value", "reason"), [

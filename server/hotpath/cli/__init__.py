@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hotpath import __version__
 from hotpath.cli import health
-from hotpath.cli.environment import exit_on_invalid, read_environment
+from hotpath.cli.environment import read_environment, resolve_environment
 from hotpath.cli.evaluate import add_command as add_evaluate_command
 from hotpath.cli.label import add_command as add_label_command
 from hotpath.drift.cli import add_commands as add_drift_commands
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    exit_on_invalid(args)
+    resolve_environment(args)
     configure_logging(getattr(args, "log_level", "INFO"), log_format=getattr(args, "log_format", "text"))
     sys.exit(args.func(args))
 
