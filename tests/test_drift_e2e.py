@@ -38,5 +38,6 @@ def test_server_records_shifted_traffic_and_the_job_flags_it(tmp_path: Path, sta
     code = main(["drift", "--model-repository", str(repository), "--model", "tabular", "--no-report"])
     out = capsys.readouterr().out
     assert code == 1, out
-    flagged = [line.split()[0] for line in out.splitlines() if " alert " in line and line.split()[1] in ("input", "output")]
+    flagged = [line.split()[0] for line in out.splitlines()
+               if len(line.split()) > 2 and line.split()[1] in ("input", "output") and line.split()[2] in ("alert", "warn")]
     assert flagged == ["x[2]"], out

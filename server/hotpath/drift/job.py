@@ -207,11 +207,11 @@ def moments(counts: dict) -> tuple[float | None, float | None]:
 
 
 def _judge_distances(result: FeatureResult, reference: dict, ref_hist: np.ndarray, cur_hist: np.ndarray,
-                     limits: Thresholds, noise: NoiseModel) -> None:
+                     limits: Thresholds, noise_model: NoiseModel) -> None:
     ordered = result.kind == "numeric"
     values = int(cur_hist.sum())
     result.metrics = distances(ref_hist, cur_hist, ordered)
-    result.noise = noise.thresholds(result.name, ref_hist, values, ordered)
+    result.noise = noise_model.thresholds(result.name, ref_hist, values, ordered)
     effect = {"ks": limits.ks, "d1": limits.d1, "psi": limits.psi_warn, "js": limits.js}
     result.limits = {metric: max(effect[metric], result.noise[metric]) for metric in METRICS if metric in result.noise}
     ratios = {metric: result.metrics[metric] / limit if limit > 0 else 0.0 for metric, limit in result.limits.items()}
@@ -351,11 +351,11 @@ def _span_verdict(features: list[FeatureResult], rows: int, alert_share: float) 
 
 
 def evaluate_span(reference: Reference, windows: list[dict], start: float, end: float,
-                  thresholds: ThresholdSet, alert_share: float, noise: NoiseModel) -> SpanResult:
+                  thresholds: ThresholdSet, alert_share: float, noise_model: NoiseModel) -> SpanResult:
     """Merge the windows that start inside [start, end) and judge every reference feature."""
     inside = [w for w in windows if start <= parse_utc(w["window_start"]) < end]
     merged = merge_windows(inside)
-    features = sorted((evaluate_feature(name, ref, merged.get(name), thresholds.for_feature(name), noise)
+    features = sorted((evaluate_feature(name, ref, merged.get(name), thresholds.for_feature(name), noise_model)
                        for name, ref in reference.features.items()), key=severity_order)
     rows = sum(w["rows"] for w in inside)
     status, drifted, reasons = _span_verdict(features, rows, alert_share)
@@ -374,8 +374,9 @@ def run_job(reference: Reference, windows_dir: Path, *, version: int | None = No
     windows, unreadable = read_windows(windows_dir, reference.model, version)
     usable = [w for w in windows if w.get("reference_id") == reference.reference_id]
     bounds = span_bounds(usable, span, step or span, last or span, until, time.time() if now is None else now)
-    noise = NoiseModel()
-    spans = [evaluate_span(reference, usable, start, end, thresholds, alert_share, noise) for start, end in bounds]
+    noise_model = NoiseModel()
+    spans = [evaluate_span(reference, usable, start, end, thresholds, alert_share, noise_model)
+             for start, end in bounds]
     return DriftResult(reference.model, reference.reference_id, alert_share, asdict(thresholds.defaults), spans,
                        len(windows) - len(usable), unreadable)
 
