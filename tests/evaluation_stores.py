@@ -1,4 +1,4 @@
-"""Evaluation stores for the tests: a SQLite file, or a real PostgreSQL server started for the session."""
+"""Evaluation stores for the tests: a Parquet directory, a SQLite file, or a real PostgreSQL server started for the session."""
 
 from __future__ import annotations
 
@@ -76,9 +76,12 @@ def postgres() -> Iterator[Postgres]:
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["parquet", "sqlite", "postgresql"])
 def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty store: a SQLite file, or a new database on the session's PostgreSQL."""
+    """A fresh, empty store: a Parquet directory (the default), a SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "parquet":
+        pytest.importorskip("pyarrow", reason="pip install pyarrow for the Parquet store tests")
+        return str(tmp_path / "store")
     if request.param == "sqlite":
         return str(tmp_path / "store.sqlite")
     return request.getfixturevalue("postgres").database()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn import metrics
@@ -9,7 +11,7 @@ from sklearn import metrics
 from evaluation_stores import postgres, store_location  # noqa: F401
 from hotpath._proto import model_config_pb2
 from hotpath.evaluation.job import evaluate, suggest
-from hotpath.evaluation.store import Store, decode_tensors, encode_tensors
+from hotpath.evaluation.store import decode_tensors, encode_tensors, open_store
 
 DAY = 86_400.0
 NOW = 1_800_000_000.0
@@ -33,10 +35,11 @@ def test_tensors_round_trip_every_kind() -> None:
 
 
 def test_labels_attach_by_id_and_row_and_unknown_ids_are_returned(store_location: str) -> None:
-    store = Store(store_location)
+    store = open_store(store_location)
     store.write_predictions([_classifier_record("a", NOW, np.array([[0.9, 0.1]], np.float32)),
                              _classifier_record("b", NOW, np.array([[0.2, 0.8], [0.6, 0.4]], np.float32))])
     store.write_predictions([_classifier_record("a", NOW + 1, np.array([[0.1, 0.9]], np.float32))])
+    store.flush(force=True)
     unknown = store.attach_labels("m", [("a", 0, 0), ("b", 1, 1), ("b", 2, 1), ("zzz", 0, 1)], NOW)
     assert unknown == [("b", 2), ("zzz", 0)]
     assert store.attach_labels("m", [("a", 0, 1)], NOW) == []
@@ -48,12 +51,15 @@ def test_labels_attach_by_id_and_row_and_unknown_ids_are_returned(store_location
 
 
 def test_retention_by_age_and_by_size(store_location: str) -> None:
-    store = Store(store_location)
+    store = open_store(store_location)
     records = [_classifier_record(f"r{i}", NOW - i * 3600, np.array([[0.5, 0.5]], np.float32)) for i in range(10)]
-    store.write_predictions(records)
+    for record in records:
+        store.write_predictions([record])
+        store.flush(force=True)
     store.attach_labels("m", [(f"r{i}", 0, 1) for i in range(10)], NOW)
     assert store.retain("m", NOW, max_age_s=7.5 * 3600) == 2
-    size = len(records[0][6])
+    files = sorted(Path(store_location, "m").glob("*.parquet"))
+    size = max(f.stat().st_size for f in files) if files else len(records[0][6])
     assert store.retain("m", NOW, max_size_bytes=5 * size) == 3
     assert [p.request_id for p in store.predictions("m")] == ["r4", "r3", "r2", "r1", "r0"]
     assert store.counts("m") == (5, 5)
@@ -62,7 +68,7 @@ def test_retention_by_age_and_by_size(store_location: str) -> None:
 
 def test_accuracy_per_day_matches_sklearn_and_a_flipped_day_alerts(store_location: str) -> None:
     rng = np.random.default_rng(0)
-    store = Store(store_location)
+    store = open_store(store_location)
     truth, predicted, labelled = {}, {}, {}
     records = []
     for day in range(7):
@@ -74,6 +80,7 @@ def test_accuracy_per_day_matches_sklearn_and_a_flipped_day_alerts(store_locatio
             predicted[request_id] = int(p > 0.5)
             truth[request_id] = predicted[request_id] if rng.uniform() < 0.85 else 1 - predicted[request_id]
     store.write_predictions(records)
+    store.flush(force=True)
     for request_id in truth:
         if not request_id.endswith("-7"):
             labelled[request_id] = truth[request_id]
@@ -99,13 +106,14 @@ def test_accuracy_per_day_matches_sklearn_and_a_flipped_day_alerts(store_locatio
 
 
 def test_regression_reports_mae_and_rmse(store_location: str) -> None:
-    store = Store(store_location)
+    store = open_store(store_location)
     values = np.linspace(0, 10, 40, dtype=np.float32)
     records = []
     for i, value in enumerate(values):
         tensors, data = encode_tensors([("x", "FP32", np.array([[value]]))], [("y", "FP32", np.array([[value]], np.float32))])
         records.append(("m", f"r{i}", 1, NOW - 100 + i, 1, tensors, data))
     store.write_predictions(records)
+    store.flush(force=True)
     store.attach_labels("m", [(f"r{i}", 0, float(v) + (1.0 if i % 2 else -2.0)) for i, v in enumerate(values)], NOW)
     result = evaluate(store, "m", model_config_pb2.ModelEvaluationConfig(), NOW, 200, 200)
     (span,) = result.spans

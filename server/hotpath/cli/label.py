@@ -15,7 +15,7 @@ from hotpath._proto import model_config_pb2
 from hotpath.errors import LoadError
 from hotpath.evaluation.labels import LabelFileError, read_labels
 from hotpath.evaluation.log import store_location
-from hotpath.evaluation.store import Store, StoreError
+from hotpath.evaluation.store import Store, StoreError, open_store
 from hotpath.serving.config import read_config
 
 EXIT_CLEAN, EXIT_UNKNOWN, EXIT_ERROR = 0, 1, 2
@@ -42,11 +42,11 @@ def resolve_store(args: argparse.Namespace) -> tuple[Store, model_config_pb2.Mod
     elif args.store:
         location = args.store
     else:
-        raise CommandError("give --model-repository (the store its config names) or --store (a SQLite file or postgresql:// URL)")
+        raise CommandError("give --model-repository (the store its config names) or --store (a Parquet directory, .sqlite file or postgresql:// URL)")
     if not location.startswith(("postgresql://", "postgres://")) and not Path(location).exists():
         raise CommandError(f"no evaluation store at {location}: has model '{args.model}' logged predictions (evaluation {{ }} in its config)?")
     try:
-        return Store(location), config
+        return open_store(location), config
     except StoreError as exc:
         raise CommandError(str(exc)) from None
 
@@ -55,7 +55,7 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments that say which model and store a command reads."""
     parser.add_argument("--model", required=True, help="model name")
     parser.add_argument("--model-repository", type=Path, help="the server's model repository (finds the store its config names)")
-    parser.add_argument("--store", help="the store itself: a SQLite file or a postgresql:// URL (overrides the config)")
+    parser.add_argument("--store", help="the store itself: a Parquet store directory, a .sqlite file or a postgresql:// URL (overrides the config)")
 
 
 def _label_command(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import model_config_pb2
 from hotpath.errors import InferenceError
-from hotpath.evaluation.store import LabelValue, Store, StoreError, default_store_path, encode_tensors
+from hotpath.evaluation.store import LabelValue, Store, StoreError, TensorEncoder, default_store_path, open_store
 
 if TYPE_CHECKING:
     from hotpath.serving.model import Model
@@ -63,7 +63,7 @@ def sample_rate(config: model_config_pb2.ModelEvaluationConfig) -> float:
 
 
 def store_location(config: model_config_pb2.ModelEvaluationConfig, model_dir: Path) -> str:
-    """The store a model's config names: its `store`, else the SQLite file in the model's directory."""
+    """The store a model's config names: its `store`, else the Parquet store in the model's directory."""
     return config.store or str(default_store_path(model_dir))
 
 
@@ -87,6 +87,7 @@ class PredictionLog:
         self._closing = False
         self._id_prefix = secrets.token_hex(6)
         self._ids = itertools.count()
+        self._encoders: weakref.WeakKeyDictionary[Model, TensorEncoder] = weakref.WeakKeyDictionary()
         opened: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(opened,), name=f"hotpath-evaluation-{name}", daemon=True)
         self._thread.start()
@@ -122,7 +123,7 @@ class PredictionLog:
 
     def _run(self, opened: Future) -> None:
         try:
-            store = Store(self.location)
+            store = open_store(self.location)
         except Exception as exc:
             opened.set_exception(StoreError(f"model '{self.name}': cannot open the evaluation store {self.location}: {exc}"))
             return
@@ -134,6 +135,7 @@ class PredictionLog:
                 self._wake.clear()
                 closing = self._closing
                 self._write(store)
+                self._flush(store, force=closing or bool(self._jobs))
                 while self._jobs:
                     job, future = self._jobs.popleft()
                     try:
@@ -153,11 +155,14 @@ class PredictionLog:
         if not count:
             return
         records = []
+        encoders = self._encoders
         for _ in range(count):
             time_s, request_id, model, inputs, outputs = self._pending.popleft()
-            tensors, data = encode_tensors(
-                [(spec.name, spec.datatype.name, array) for spec, array in zip(model.inputs, inputs) if array is not None],
-                [(spec.name, spec.datatype.name, array) for spec, array in zip(model.outputs, outputs)])
+            encoder = encoders.get(model)
+            if encoder is None:
+                encoder = encoders[model] = TensorEncoder([(s.name, s.datatype.name) for s in model.inputs],
+                                                          [(s.name, s.datatype.name) for s in model.outputs])
+            tensors, data = encoder.encode(inputs, outputs)
             rows = len(outputs[0]) if model.batched and outputs else 1
             records.append((self.name, request_id, model.version, time_s, rows, tensors, data))
         try:
@@ -166,6 +171,12 @@ class PredictionLog:
         except Exception:
             self.failed += count
             log.exception("model '%s': %d predictions could not be written to %s", self.name, count, self.location)
+
+    def _flush(self, store: Store, force: bool) -> None:
+        try:
+            store.flush(force)
+        except Exception:
+            log.exception("model '%s': buffered predictions could not be written to %s", self.name, self.location)
 
     def _retain(self, store: Store) -> None:
         if not (self.config.max_age_seconds or self.config.max_size_bytes):

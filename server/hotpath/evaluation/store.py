@@ -1,4 +1,5 @@
-"""The evaluation store: logged predictions and their late labels, in SQLite or a shared PostgreSQL.
+"""The evaluation store: logged predictions and their late labels, in SQLite or a shared PostgreSQL
+(and, through `parquet.py`, the embedded default: Parquet files).
 
 Two tables, the same in both databases. `hotpath_predictions` holds one row per logged request:
 model, request id, version, time, rows, and its tensors (a JSON list of name, role, datatype and
@@ -37,6 +38,14 @@ CREATE TABLE IF NOT EXISTS hotpath_labels (
     time_s DOUBLE PRECISION NOT NULL, PRIMARY KEY (model, request_id, row_index));
 """
 
+_SQLITE_BULK_INSERT = """
+INSERT INTO hotpath_predictions (model, request_id, version, time_s, batch_rows, tensors, data, bytes)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), json_extract(value, '$[3]'),
+       json_extract(value, '$[4]'), json_extract(value, '$[5]'), substr(?1, json_extract(value, '$[6]'), json_extract(value, '$[7]')),
+       json_extract(value, '$[7]')
+FROM json_each(?2) WHERE true ON CONFLICT DO NOTHING
+"""
+
 LabelValue = int | float | str | bool
 
 
@@ -59,13 +68,36 @@ class Prediction:
 
 def encode_tensors(inputs: Sequence[tuple[str, str, np.ndarray]], outputs: Sequence[tuple[str, str, np.ndarray]]) -> tuple[str, bytes]:
     """The `tensors` description and `data` blob of one request's (name, datatype, array) inputs and outputs."""
-    described, parts = [], []
-    for role, tensors in (("input", inputs), ("output", outputs)):
-        for name, datatype, array in tensors:
-            part = join_bytes(array.ravel()) if datatype == "BYTES" else np.ascontiguousarray(array).tobytes()
-            described.append([name, role, datatype, list(array.shape), len(part)])
-            parts.append(part)
-    return json.dumps(described, separators=(",", ":")), b"".join(parts)
+    return TensorEncoder([(n, d) for n, d, _ in inputs], [(n, d) for n, d, _ in outputs]).encode(
+        [a for _, _, a in inputs], [a for _, _, a in outputs])
+
+
+class TensorEncoder:
+    """Encodes one model version's tensors for the store, its descriptions cached by shape (they rarely vary).
+
+    The writer thread runs this for every logged request while it holds the GIL, so it does little:
+    one lookup for the description, one `tobytes` per tensor.
+    """
+
+    def __init__(self, inputs: Sequence[tuple[str, str]], outputs: Sequence[tuple[str, str]]) -> None:
+        self._inputs = tuple(inputs)
+        self._outputs = tuple(outputs)
+        self._texts = tuple(i for i, (_, datatype) in enumerate((*self._inputs, *self._outputs)) if datatype == "BYTES")
+        self._described: dict[tuple, str] = {}
+
+    def encode(self, inputs: Sequence[np.ndarray | None], outputs: Sequence[np.ndarray]) -> tuple[str, bytes]:
+        """(tensors, data) for one request; an input given as None (an optional input left out) is not stored."""
+        arrays = (*inputs, *outputs)
+        parts = [None if a is None else join_bytes(a.ravel()) if i in self._texts else a.tobytes() for i, a in enumerate(arrays)] \
+            if self._texts else [None if a is None else a.tobytes() for a in arrays]
+        key = tuple(None if a is None else (a.shape, len(part)) for a, part in zip(arrays, parts))
+        described = self._described.get(key)
+        if described is None:
+            roles = [("input", spec) for spec in self._inputs] + [("output", spec) for spec in self._outputs]
+            described = json.dumps([[name, role, datatype, list(k[0]), k[1]] for (role, (name, datatype)), k in zip(roles, key)
+                                    if k is not None], separators=(",", ":"))
+            self._described[key] = described
+        return described, b"".join([part for part in parts if part is not None])
 
 
 def decode_tensors(tensors: str, data: bytes) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -85,13 +117,26 @@ def decode_tensors(tensors: str, data: bytes) -> tuple[dict[str, np.ndarray], di
     return found["input"], found["output"]
 
 
+SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
+
+
 def default_store_path(model_dir: Path) -> Path:
-    """Where a model's predictions go when its config names no store."""
-    return model_dir / "evaluation" / "store.sqlite"
+    """Where a model's predictions go when its config names no store: a Parquet store in the model's directory."""
+    return model_dir / "evaluation" / "store"
+
+
+def open_store(location: str | Path) -> Store:
+    """The store at `location`: a `postgresql://` URL, a SQLite file (.sqlite, .sqlite3, .db) or a Parquet store directory."""
+    text = str(location)
+    if text.startswith(POSTGRES_SCHEMES) or text.endswith(SQLITE_SUFFIXES):
+        return Store(text)
+    from hotpath.evaluation.parquet import ParquetStore
+
+    return ParquetStore(text)
 
 
 class Store:
-    """A connection to one evaluation store (a SQLite file or a PostgreSQL URL), used by one thread.
+    """A connection to one SQL evaluation store (a SQLite file or a PostgreSQL URL), used by one thread.
 
     Every write commits before it returns, so a killed writer loses at most what it had not yet written.
     """
@@ -143,28 +188,29 @@ class Store:
     def write_predictions(self, rows: Iterable[tuple[str, str, int, float, int, str, bytes]]) -> None:
         """Store (model, request id, version, time_s, rows, tensors, data) records in one transaction; an id
         already stored for the model keeps its first record."""
-        records = [(*row, len(row[6])) for row in rows]
+        records = list(rows)
         if not records:
             return
-        conflict = "ON CONFLICT DO NOTHING"
         with self._transaction() as cursor:
-            cursor.executemany(self._sql(
-                "INSERT INTO hotpath_predictions (model, request_id, version, time_s, batch_rows, tensors, data, bytes) "
-                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?) {conflict}"), records)
+            if self.postgres:
+                cursor.executemany(
+                    "INSERT INTO hotpath_predictions (model, request_id, version, time_s, batch_rows, tensors, data, bytes) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING", [(*row, len(row[6])) for row in records])
+                return
+            # One statement for the whole batch: sqlite3 releases the GIL for each step of `executemany`,
+            # and taking it back once per row would stall the event loop; this is one step.
+            described, position = [], 1
+            for model, request_id, version, time_s, batch_rows, tensors, data in records:
+                described.append((model, request_id, version, time_s, batch_rows, tensors, position, len(data)))
+                position += len(data)
+            cursor.execute(_SQLITE_BULK_INSERT, (b"".join([row[6] for row in records]), json.dumps(described)))
 
     def attach_labels(self, model: str, labels: Sequence[tuple[str, int, LabelValue]], time_s: float) -> list[tuple[str, int]]:
         """Store (request id, row, value) labels of `model`'s logged predictions; returns the (id, row) pairs
         that match no logged prediction row, which are not stored. A second label for a row replaces the first."""
         unknown = []
         with self._transaction() as cursor:
-            known = set()
-            ids = sorted({request_id for request_id, _, _ in labels})
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                cursor.execute(self._sql(f"SELECT request_id, batch_rows FROM hotpath_predictions WHERE model = ? AND request_id IN "
-                                         f"({', '.join('?' * len(chunk))})"), (model, *chunk))
-                known.update(cursor.fetchall())
-            rows_of = dict(known)
+            rows_of = self._rows_of(cursor, model, sorted({request_id for request_id, _, _ in labels}))
             stored = []
             for request_id, row, value in labels:
                 if 0 <= row < rows_of.get(request_id, 0):
@@ -175,6 +221,19 @@ class Store:
                 "INSERT INTO hotpath_labels (model, request_id, row_index, label, time_s) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (model, request_id, row_index) DO UPDATE SET label = excluded.label, time_s = excluded.time_s"), stored)
         return unknown
+
+    def _rows_of(self, cursor, model: str, ids: list[str]) -> dict[str, int]:
+        """Rows of each of `ids` that `model` logged (ids it did not log are absent)."""
+        known = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            cursor.execute(self._sql(f"SELECT request_id, batch_rows FROM hotpath_predictions WHERE model = ? AND request_id IN "
+                                     f"({', '.join('?' * len(chunk))})"), (model, *chunk))
+            known.update(cursor.fetchall())
+        return known
+
+    def flush(self, force: bool = False) -> None:
+        """Write what `write_predictions` buffered when it is due (or now, with `force`); SQL stores buffer nothing."""
 
     def retain(self, model: str, now_s: float, max_age_s: float = 0, max_size_bytes: int = 0) -> int:
         """Delete `model`'s predictions older than `max_age_s` and, beyond `max_size_bytes` of stored tensor
@@ -200,6 +259,20 @@ class Store:
 
     def predictions(self, model: str, since_s: float | None = None, until_s: float | None = None) -> Iterator[Prediction]:
         """`model`'s logged predictions in [since_s, until_s), oldest first, with their labels."""
+        cursor = self._db.cursor()
+        cursor.execute(self._sql("SELECT request_id, row_index, label FROM hotpath_labels WHERE model = ?"), (model,))
+        labels: dict[str, dict[int, LabelValue]] = {}
+        for request_id, row, label in cursor.fetchall():
+            labels.setdefault(request_id, {})[row] = json.loads(label)
+        cursor.close()
+        for request_id, version, time_s, rows, tensors, data in self._records(model, since_s, until_s):
+            inputs, outputs = decode_tensors(tensors, bytes(data))
+            known = labels.get(request_id, {})
+            yield Prediction(request_id, version, time_s, rows, inputs, outputs, [known.get(row) for row in range(rows)])
+        self._db.commit()
+
+    def _records(self, model: str, since_s: float | None, until_s: float | None) -> Iterator[tuple]:
+        """(request id, version, time_s, rows, tensors, data) of `model` in [since_s, until_s), oldest first."""
         where, params = ["model = ?"], [model]
         if since_s is not None:
             where.append("time_s >= ?")
@@ -208,26 +281,23 @@ class Store:
             where.append("time_s < ?")
             params.append(until_s)
         cursor = self._db.cursor()
-        cursor.execute(self._sql("SELECT request_id, row_index, label FROM hotpath_labels WHERE model = ?"), (model,))
-        labels: dict[str, dict[int, LabelValue]] = {}
-        for request_id, row, label in cursor.fetchall():
-            labels.setdefault(request_id, {})[row] = json.loads(label)
         cursor.execute(self._sql(f"SELECT request_id, version, time_s, batch_rows, tensors, data FROM hotpath_predictions "
                                  f"WHERE {' AND '.join(where)} ORDER BY time_s, request_id"), params)
-        for request_id, version, time_s, rows, tensors, data in cursor:
-            inputs, outputs = decode_tensors(tensors, bytes(data))
-            known = labels.get(request_id, {})
-            yield Prediction(request_id, version, time_s, rows, inputs, outputs, [known.get(row) for row in range(rows)])
+        yield from cursor
         cursor.close()
-        self._db.commit()
+
+    def _prediction_count(self, model: str) -> int:
+        cursor = self._db.cursor()
+        cursor.execute(self._sql("SELECT COUNT(*) FROM hotpath_predictions WHERE model = ?"), (model,))
+        (count,) = cursor.fetchone()
+        cursor.close()
+        return count
 
     def counts(self, model: str) -> tuple[int, int]:
         """(logged predictions, labelled rows) of `model`."""
         cursor = self._db.cursor()
-        cursor.execute(self._sql("SELECT COUNT(*) FROM hotpath_predictions WHERE model = ?"), (model,))
-        (predictions,) = cursor.fetchone()
         cursor.execute(self._sql("SELECT COUNT(*) FROM hotpath_labels WHERE model = ?"), (model,))
         (labels,) = cursor.fetchone()
         cursor.close()
         self._db.commit()
-        return predictions, labels
+        return self._prediction_count(model), labels
