@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 import math
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sklearn import metrics
 from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
@@ -192,3 +195,36 @@ def test_logged_predictions_late_labels_and_quality_per_span(tmp_path: Path, sta
     written_before = BURSTS * (SINGLE + UNNAMED + 1) + (0 if default_store else 50)
     assert written_before <= logged <= BURSTS * (SINGLE + UNNAMED + 1) + len(sent_late)
     assert labels == len(labelled)
+
+
+def test_a_full_log_drops_from_the_log_not_from_inference_and_says_so(tmp_path: Path, start_server) -> None:
+    pytest.importorskip("pyarrow", reason="pip install pyarrow for the default Parquet store")
+    repo = tmp_path / "repo"
+    model_dir, x, _ = classifier_repository(repo, "")
+    config = model_dir / "config.pbtxt"
+    config.write_text(config.read_text().replace("sample_rate: 1.0", "sample_rate: 1.0 queue_size: 1"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    server = start_server(repo, "--metrics-port", str(metrics_port))
+    channel = grpc.insecure_channel(server.url)
+    infer = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+    sent = 300
+    futures = [infer.future(_request(x[i % len(x):i % len(x) + 1], f"q{i}"), timeout=30) for i in range(sent)]
+    assert all(len(_labels(f.result())) == 1 for f in futures)
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo
+    (answer,) = reflection(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    assert "hotpath.evaluation.Evaluation" in {s.name for s in answer.list_services_response.service}
+
+    deadline = time.monotonic() + 10
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("hotpath_evaluation_")}
+        logged = values['hotpath_evaluation_logged_total{model="cancer"}']
+        dropped = values['hotpath_evaluation_dropped_total{model="cancer",reason="queue_full"}']
+        if logged + dropped == sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert dropped > 0 and logged > 0 and logged + dropped == sent
+    assert values['hotpath_evaluation_dropped_total{model="cancer",reason="store_error"}'] == 0
