@@ -156,16 +156,16 @@ class PredictionLog:
             return
         records = []
         encoders = self._encoders
-        for _ in range(count):
-            time_s, request_id, model, inputs, outputs = self._pending.popleft()
-            encoder = encoders.get(model)
-            if encoder is None:
-                encoder = encoders[model] = TensorEncoder([(s.name, s.datatype.name) for s in model.inputs],
-                                                          [(s.name, s.datatype.name) for s in model.outputs])
-            tensors, data = encoder.encode(inputs, outputs)
-            rows = len(outputs[0]) if model.batched and outputs else 1
-            records.append((self.name, request_id, model.version, time_s, rows, tensors, data))
         try:
+            for _ in range(count):
+                time_s, request_id, model, inputs, outputs = self._pending.popleft()
+                encoder = encoders.get(model)
+                if encoder is None:
+                    encoder = encoders[model] = TensorEncoder([(s.name, s.datatype.name) for s in model.inputs],
+                                                              [(s.name, s.datatype.name) for s in model.outputs])
+                tensors, data = encoder.encode(inputs, outputs)
+                rows = len(outputs[0]) if model.batched and outputs else 1
+                records.append((self.name, request_id, model.version, time_s, rows, tensors, data))
             store.write_predictions(records)
             self.logged += count
         except Exception:

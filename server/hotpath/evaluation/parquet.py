@@ -20,9 +20,9 @@ from pathlib import Path
 
 from hotpath.evaluation.store import Store, StoreError
 
-SEGMENT_S = 10.0
+SEGMENT_S = 60.0
 """Longest a prediction waits in memory before its segment file is written."""
-SEGMENT_BYTES = 8 << 20
+SEGMENT_BYTES = 32 << 20
 """Tensor bytes at which a segment is written early."""
 PARTIAL_DIR = ".partial"
 COLUMNS = ("model", "request_id", "version", "time_s", "batch_rows", "tensors", "data")
