@@ -27,6 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from evaluation_stores import postgres, store_location  # noqa: F401
+from models import identity_model
 from hotpath._proto import evaluation_pb2, evaluation_pb2_grpc
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import grpc_service_pb2_grpc
@@ -140,7 +141,9 @@ def test_logged_predictions_late_labels_and_quality_per_span(tmp_path: Path, sta
 
     window = ["--last", f"{BURSTS * SPAN_S:g}s", "--span", f"{SPAN_S:g}s", "--until", _iso(until), "--min-labels", "20"]
     result_file = tmp_path / "result.json"
-    done = _hotpath("evaluate", *common, *window, "--json", str(result_file), "--report", str(tmp_path / "report.html"))
+    (tmp_path / "drift.html").write_text("<html>a hotpath drift report</html>")
+    done = _hotpath("evaluate", *common, *window, "--json", str(result_file), "--report", str(tmp_path / "report.html"),
+                    "--drift-report", str(tmp_path / "drift.html"))
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(result_file.read_text())
     assert len(result["spans"]) == BURSTS
@@ -148,7 +151,8 @@ def test_logged_predictions_late_labels_and_quality_per_span(tmp_path: Path, sta
         rows = [key for key in keys if key in labelled]
         assert (span["rows"], span["labelled"], span["status"]) == (len(keys), len(rows), "ok")
         assert span["metrics"]["accuracy"] == pytest.approx(metrics.accuracy_score([truth[k] for k in rows], [predicted[k] for k in rows]))
-    assert "Quality report: cancer" in (tmp_path / "report.html").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "Quality report: cancer" in page and '<iframe src="drift.html"' in page
 
     flipped = tmp_path / "flipped.csv"
     flipped.write_text("id,row,label\n" + "".join(f"{key[0]},{key[1]},{1 - labelled[key]}\n" for key in bursts[2][:-5]))
@@ -201,6 +205,7 @@ def test_a_full_log_drops_from_the_log_not_from_inference_and_says_so(tmp_path: 
     pytest.importorskip("pyarrow", reason="pip install pyarrow for the default Parquet store")
     repo = tmp_path / "repo"
     model_dir, x, _ = classifier_repository(repo, "")
+    identity_model(repo)
     config = model_dir / "config.pbtxt"
     config.write_text(config.read_text().replace("sample_rate: 1.0", "sample_rate: 1.0 queue_size: 1"))
     with socket.socket() as probe:
@@ -212,6 +217,10 @@ def test_a_full_log_drops_from_the_log_not_from_inference_and_says_so(tmp_path: 
     sent = 300
     futures = [infer.future(_request(x[i % len(x):i % len(x) + 1], f"q{i}"), timeout=30) for i in range(sent)]
     assert all(len(_labels(f.result())) == 1 for f in futures)
+    with pytest.raises(grpc.RpcError) as not_logged:
+        evaluation_pb2_grpc.EvaluationStub(channel).AttachLabels(evaluation_pb2.AttachLabelsRequest(
+            model_name="identity", labels=[evaluation_pb2.Label(id="q0", int_value=1)]), timeout=10)
+    assert not_logged.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "evaluation" in not_logged.value.details()
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo
     (answer,) = reflection(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
     assert "hotpath.evaluation.Evaluation" in {s.name for s in answer.list_services_response.service}

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from hotpath.cli.label import CommandError, EXIT_ERROR, add_store_arguments, guarded, resolve_store
+from hotpath.cli.label import CommandError, add_store_arguments, guarded, resolve_store
 from hotpath.drift.files import parse_utc, write_text_atomically
 from hotpath.drift.job import parse_duration
 from hotpath.drift.features import DriftError
