@@ -1,10 +1,12 @@
-"""Scale-out on one machine: three hotpath instances, each in its own network namespace, behind a real
-L7 gRPC balancer (nginx's grpc_pass, balancing per call), and grpc's own round_robin over the three.
+"""Scale-out on one machine: three hotpath instances, each in its own network namespace, behind real
+L7 gRPC balancers that balance per call (nginx's grpc_pass; haproxy in HTTP/2 mode, health-checking
+each instance with grpc.health.v1), and grpc's own round_robin over the three.
 
 Topology, all inside namespaces this test makes and deletes: instance i listens on 10.77.i.2 in
-namespace <tag>-s<i>, joined by a veth pair to 10.77.i.1 in namespace <tag>-lb, where nginx runs.
-nginx also listens on Unix sockets, which cross namespaces: lb.sock balances over the three, and
-s<i>.sock reaches instance i alone, which is how this process reads each instance's statistics.
+namespace <tag>-s<i>, joined by a veth pair to 10.77.i.1 in namespace <tag>-lb, where the balancers
+run. They listen on Unix sockets, which cross namespaces: nginx's lb.sock and haproxy's ha.sock
+balance over the three, and nginx's s<i>.sock reaches instance i alone, which is how this process
+reads each instance's statistics.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,9 +37,12 @@ PORT = 8001
 WORKERS = 12
 """Client threads under load; each has at most one call in flight."""
 START_TIMEOUT_S = 60.0
+FAIL_TIMEOUT_S = 1
+"""How long nginx leaves an instance out after a failed call (max_fails=1)."""
 
 pytestmark = [
-    pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (apt-get install nginx)"),
+    pytest.mark.skipif(shutil.which("nginx") is None or shutil.which("haproxy") is None,
+                       reason="needs nginx and haproxy (apt-get install nginx haproxy)"),
     pytest.mark.skipif(shutil.which("ip") is None or os.geteuid() != 0,
                        reason="needs root and iproute2 for network namespaces (ip netns)"),
 ]
@@ -82,20 +88,68 @@ http {{
 }}
 """
 
+HAPROXY_CONF = """
+global
+    stats socket {dir}/haproxy-stats.sock mode 600 level admin
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout check 500ms
+frontend grpc
+    bind unix@{dir}/ha.sock proto h2
+    default_backend hotpath
+backend hotpath
+    balance roundrobin
+    option tcp-check
+    tcp-check connect
+    tcp-check send-binary {check}
+    tcp-check expect rbinary 000000000208
+    tcp-check expect rbinary 00000000020801
+{servers}
+"""
+
+
+def _health_check_bytes() -> str:
+    """A grpc.health.v1 Check of service "" as raw HTTP/2 (preface, SETTINGS, HEADERS, DATA), in hex.
+
+    haproxy's HTTP checks cannot send a gRPC message (its 5-byte prefix holds NULs), but its TCP
+    checks send and match binary: the first expect waits for the answer, HealthCheckResponse status
+    1 or 2, and the second passes only SERVING (`08 01`).
+    """
+    def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+    def string(value: bytes) -> bytes:
+        return bytes([len(value)]) + value
+
+    # HPACK without Huffman: :method POST and :scheme http from the static table, then literals
+    # without indexing for :path (static name 4), :authority (1), content-type (31) and te (new name).
+    headers = (b"\x83\x86" + b"\x04" + string(b"/grpc.health.v1.Health/Check") + b"\x01" + string(b"hotpath")
+               + b"\x0f\x10" + string(b"application/grpc") + b"\x00" + string(b"te") + string(b"trailers"))
+    return (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(1, 4, 1, headers)
+            + frame(0, 1, 1, b"\x00\x00\x00\x00\x00")).hex()
+
 
 @dataclass
 class Cluster:
-    """Three instances in their namespaces and nginx in front; only the test's thread starts or stops them."""
+    """Three instances in their namespaces, nginx and haproxy in front; only the test's thread starts or stops them."""
 
     tag: str
     dir: Path
     repo: Path
     instances: dict[int, subprocess.Popen] = field(default_factory=dict)
     nginx: subprocess.Popen | None = None
+    haproxy: subprocess.Popen | None = None
 
     @property
     def balancer(self) -> str:
         return f"unix:{self.dir}/lb.sock"
+
+    @property
+    def health_checking_balancer(self) -> str:
+        return f"unix:{self.dir}/ha.sock"
 
     def direct(self, i: int) -> str:
         return f"unix:{self.dir}/s{i}.sock"
@@ -115,7 +169,7 @@ class Cluster:
             _ip("-n", namespace, "link", "set", "lo", "up")
 
     def start_nginx(self) -> None:
-        servers = "\n".join(f"        server {_address(i)}:{PORT} max_fails=1 fail_timeout=1s;"
+        servers = "\n".join(f"        server {_address(i)}:{PORT} max_fails=1 fail_timeout={FAIL_TIMEOUT_S}s;"
                             for i in range(1, INSTANCES + 1))
         direct = "\n".join(f"    server {{ listen unix:{self.dir}/s{i}.sock http2; "
                            f"location / {{ grpc_pass grpc://{_address(i)}:{PORT}; }} }}" for i in range(1, INSTANCES + 1))
@@ -124,6 +178,31 @@ class Cluster:
         self.nginx = subprocess.Popen(["ip", "netns", "exec", f"{self.tag}-lb", "nginx", "-c", str(conf), "-p", str(self.dir),
                                        "-e", str(self.dir / "nginx-error.log"), "-g", "daemon off;"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def start_haproxy(self) -> None:
+        servers = "\n".join(f"    server s{i} {_address(i)}:{PORT} proto h2 check inter 100ms fall 1 rise 1"
+                            for i in range(1, INSTANCES + 1))
+        conf = self.dir / "haproxy.cfg"
+        conf.write_text(HAPROXY_CONF.format(dir=self.dir, check=_health_check_bytes(), servers=servers))
+        with (self.dir / "haproxy.log").open("ab") as log:
+            self.haproxy = subprocess.Popen(["ip", "netns", "exec", f"{self.tag}-lb", "haproxy", "-db", "-f", str(conf)],
+                                            stdout=log, stderr=subprocess.STDOUT)
+
+    def haproxy_up(self) -> set[int]:
+        """The instances haproxy's health checks currently find SERVING (from its stats socket)."""
+        with socket.socket(socket.AF_UNIX) as stats:
+            stats.connect(str(self.dir / "haproxy-stats.sock"))
+            stats.sendall(b"show servers state hotpath\n")
+            answer = b"".join(iter(lambda: stats.recv(65536), b"")).decode()
+        rows = [line.split() for line in answer.splitlines() if line and not line.startswith("#") and len(line.split()) > 5]
+        return {int(row[3].removeprefix("s")) for row in rows if row[5] == "2"}
+
+    def wait_haproxy_up(self, instances: set[int]) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not instances <= self.haproxy_up():
+            assert self.haproxy.poll() is None, (self.dir / "haproxy.log").read_text(errors="replace")
+            assert time.monotonic() < deadline, (self.dir / "haproxy.log").read_text(errors="replace")
+            time.sleep(0.05)
 
     def start(self, i: int, *args: str) -> None:
         """Start instance i (`ip netns exec` execs, so the Popen is hotpath itself) and wait until it serves."""
@@ -163,12 +242,16 @@ class Cluster:
         raise RuntimeError(f"instance {i} not SERVING within {START_TIMEOUT_S:.0f} s:\n{self.log(i)}")
 
     def ensure_running(self) -> None:
-        """Restart any instance an earlier test stopped, then wait for every one to serve."""
+        """Restart any instance an earlier test stopped, wait for every one to serve, and for nginx to
+        take restarted ones back."""
+        restarted = [i for i, process in self.instances.items() if process.poll() is not None]
         for i in range(1, INSTANCES + 1):
-            if i not in self.instances or self.instances[i].poll() is not None:
+            if i not in self.instances or i in restarted:
                 self.start(i)
         for i in range(1, INSTANCES + 1):
             self.wait_serving(i)
+        if restarted:
+            time.sleep(FAIL_TIMEOUT_S)
 
     def successes(self, i: int) -> int:
         """Successful add_sub inferences instance i has served (its own ModelStatistics)."""
@@ -184,7 +267,7 @@ class Cluster:
         return (self.dir / f"s{i}.log").read_text(errors="replace")
 
     def close(self) -> None:
-        for process in [*self.instances.values(), self.nginx]:
+        for process in [*self.instances.values(), self.nginx, self.haproxy]:
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
@@ -204,6 +287,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         except subprocess.CalledProcessError as exc:
             pytest.skip(f"cannot make network namespaces here: {exc.stderr.strip()}")
         cluster.start_nginx()
+        cluster.start_haproxy()
         cluster.ensure_running()
         yield cluster
     finally:
@@ -303,36 +387,38 @@ def test_killing_an_instance_under_load_fails_at_most_its_calls_in_flight(cluste
           f"{max((at - killed_at for at, _ in failures), default=0) * 1000:.0f} ms of the kill "
           f"({sorted(set(load.details))})")
     assert len(failures) <= WORKERS, failures
-    assert all(killed_at <= at <= killed_at + 0.25 and code == grpc.StatusCode.UNAVAILABLE
+    assert all(killed_at <= at <= killed_at + 0.5 and code == grpc.StatusCode.UNAVAILABLE
                for at, code in failures), (killed_at, failures, load.details)
     assert all(survivors[i] > after_kill[i] for i in (1, 3)), (after_kill, survivors)
     assert load.succeeded() > 10 * WORKERS
 
 
-def test_a_sigtermed_instance_finishes_what_it_accepted_while_the_balancer_moves_on(cluster: Cluster):
+def test_a_sigtermed_instance_finishes_what_it_accepted_while_haproxy_stops_sending_to_it(cluster: Cluster):
     cluster.ensure_running()
-    cluster.restart(3, "--drain-s", "1", "--grace-s", "5")
+    cluster.restart(3, "--drain-s", "2", "--grace-s", "5")
+    cluster.wait_haproxy_up({1, 2, 3})
     before = cluster.all_successes()
-    last_seen = before[3]
-    with Load(cluster.balancer) as load:
+    with Load(cluster.health_checking_balancer) as load:
         time.sleep(1.0)
         cluster.instances[3].send_signal(signal.SIGTERM)
-        while cluster.instances[3].poll() is None:
-            try:
-                last_seen = cluster.successes(3)
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-        exited = cluster.instances[3].returncode
+        sigterm_at = time.monotonic()
+        while 3 in cluster.haproxy_up():
+            time.sleep(0.01)
+        marked_down_s = time.monotonic() - sigterm_at
+        at_down = cluster.successes(3)
+        exited = cluster.instances[3].wait(timeout=30)
+        exited_s = time.monotonic() - sigterm_at
         at_exit = {i: cluster.successes(i) for i in (1, 2)}
-        time.sleep(1.0)
+        time.sleep(0.5)
     after = {i: cluster.successes(i) for i in (1, 2)}
     served_by_3 = load.succeeded() - sum(after[i] - before[i] for i in (1, 2))
-    print(f"\nSIGTERM under load: {load.succeeded()} calls succeeded, {len(load.failures())} failed; the drained "
-          f"instance served {served_by_3} ({last_seen - before[3]} when last asked), the others "
-          f"{ {i: after[i] - before[i] for i in (1, 2)} }")
+    print(f"\nSIGTERM under load via haproxy: {load.succeeded()} calls succeeded, {len(load.failures())} failed; haproxy "
+          f"marked the instance down {marked_down_s * 1000:.0f} ms after SIGTERM (it exited after {exited_s:.1f} s); "
+          f"it served {served_by_3}, {served_by_3 - (at_down - before[3])} of them after being marked down; "
+          f"the others {[after[i] - before[i] for i in (1, 2)]}")
     assert exited == 0, cluster.log(3)
-    assert load.failures() == []
-    assert "draining for 1 s" in cluster.log(3)
-    assert served_by_3 >= last_seen - before[3] > 0
+    assert load.failures() == [], load.details
+    assert "draining for 2 s" in cluster.log(3)
+    assert marked_down_s < 1.0
+    assert at_down - before[3] <= served_by_3 <= at_down - before[3] + WORKERS
     assert all(after[i] > at_exit[i] > before[i] for i in (1, 2))
