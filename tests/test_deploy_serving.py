@@ -15,7 +15,8 @@ import pytest
 
 from hotpath.cli import build_parser, main
 from hotpath.cli.environment import resolve_environment, variable_name
-from models import identity_model
+from models import add_sub_model, identity_model
+from test_security import credentials, make_authority
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -104,3 +105,18 @@ def test_health_without_a_server_fails_saying_why():
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 1
     assert run.stderr.startswith("hotpath health: 127.0.0.1:1 readiness (''): UNAVAILABLE")
+
+
+def test_health_speaks_mutual_tls_which_kubernetes_grpc_probes_cannot(tmp_path, start_server):
+    pki = make_authority(tmp_path / "pki", "health")
+    add_sub_model(tmp_path / "models")
+    server = start_server(tmp_path / "models", "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
+                          "--tls-client-ca", str(pki.ca.cert), credentials=credentials(pki.ca, pki.admin))
+    tls = ["--tls-ca", str(pki.ca.cert), "--tls-client-cert", str(pki.admin.cert), "--tls-client-key", str(pki.admin.key)]
+    checked = _health(server, *tls, "--tls-server-name", "localhost", "--service", "liveness")
+    assert checked.returncode == 0 and checked.stdout.strip().endswith("'liveness': SERVING"), checked
+    assert _health(server, *tls).returncode == 0
+    assert _health(server, "--timeout-s", "2").returncode == 1, "plaintext to a TLS port"
+    assert _health(server, *tls[:2], "--timeout-s", "2").returncode == 1, "no client certificate"
+    misused = _health(server, *tls[:4])
+    assert (misused.returncode, misused.stderr.strip()) == (2, "hotpath health: --tls-client-cert and --tls-client-key go together")

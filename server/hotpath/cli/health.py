@@ -2,15 +2,21 @@
 
 A Docker HEALTHCHECK, an exec probe or a script can run it in the server's container; it reads the
 same `HOTPATH_HOST` and `HOTPATH_PORT` as `hotpath serve`, so it finds the server with no arguments.
+It speaks TLS and mutual TLS too, which Kubernetes' own gRPC probes cannot.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hotpath.cli.environment import read_environment
 from hotpath.settings import Settings
+
+if TYPE_CHECKING:
+    import grpc
 
 WILDCARD_HOSTS = frozenset(("", "0.0.0.0", "::", "[::]"))
 """Listen addresses that mean every interface; a check reaches such a server on loopback."""
@@ -31,6 +37,13 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     health.add_argument("--service", default="", help="what to check: '' (readiness, the default), 'liveness' or a model name")
     health.add_argument("--timeout-s", type=float, default=3.0, metavar="SECONDS",
                         help="how long to wait for the answer (default 3)")
+    health.add_argument("--tls-ca", type=Path, metavar="PEM",
+                        help="speak TLS, trusting the server's certificate when these CAs signed it (default: plaintext)")
+    health.add_argument("--tls-client-cert", type=Path, metavar="PEM",
+                        help="mutual TLS: the client certificate to present (needs --tls-client-key)")
+    health.add_argument("--tls-client-key", type=Path, metavar="PEM", help="private key of --tls-client-cert")
+    health.add_argument("--tls-server-name", metavar="NAME",
+                        help="the name the server's certificate must carry, when it is not the host checked")
     health.set_defaults(func=check_command, log_level="WARNING")
     read_environment(health)
 
@@ -44,6 +57,24 @@ def target(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def _channel(address: str, args: argparse.Namespace) -> grpc.Channel:
+    """A plaintext channel, or a TLS one when --tls-ca is given; ValueError names a missing or unreadable file."""
+    import grpc
+
+    if args.tls_ca is None:
+        if args.tls_client_cert or args.tls_client_key or args.tls_server_name:
+            raise ValueError("--tls-client-cert, --tls-client-key and --tls-server-name need --tls-ca")
+        return grpc.insecure_channel(address)
+    if (args.tls_client_cert is None) != (args.tls_client_key is None):
+        raise ValueError("--tls-client-cert and --tls-client-key go together")
+    try:
+        ca, cert, key = (path.read_bytes() if path else None for path in (args.tls_ca, args.tls_client_cert, args.tls_client_key))
+    except OSError as exc:
+        raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca, key, cert), options)
+
+
 def check_command(args: argparse.Namespace) -> int:
     """Print the status of `args.service` on the server; 0 when SERVING, else 1 with the reason on stderr."""
     import grpc
@@ -51,7 +82,12 @@ def check_command(args: argparse.Namespace) -> int:
 
     address = target(args.host, args.port)
     name = repr(args.service) if args.service else "readiness ('')"
-    with grpc.insecure_channel(address) as channel:
+    try:
+        channel = _channel(address, args)
+    except ValueError as exc:
+        print(f"hotpath health: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s)
