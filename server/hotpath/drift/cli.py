@@ -102,7 +102,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     drift = subparsers.add_parser(
         "drift", help="compare recorded windows with the reference; exit 1 on alert",
         description="Merge drift windows into spans, run data-quality rules and distances (KS, D1, PSI, JS) "
-                    "per feature, print a summary, write an HTML report. Exit 0 clean, 1 alert, 2 error.")
+                    "per feature, each held to its threshold and to what noise gives at the reference's and the "
+                    "span's sizes; print a summary, write an HTML report. Exit 0 clean, 1 alert, 2 error.")
     drift.add_argument("--model-repository", type=Path, help="the server's model repository")
     drift.add_argument("--model", help="model name")
     drift.add_argument("--reference", type=Path, help="reference file (default <model dir>/drift/reference.json)")
@@ -116,7 +117,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     drift.add_argument("--thresholds", type=Path, help='JSON {"defaults": {...}, "features": {"x[3]": {...}}}')
     drift.add_argument("--min-count", type=int, help="values a feature needs in a span for distances (default 1000)")
     drift.add_argument("--alert-share", type=float, default=DEFAULT_ALERT_SHARE,
-                       help=f"share of drifting features at which the model alerts (default {DEFAULT_ALERT_SHARE})")
+                       help=f"share of drifting inputs (or outputs) at which the model alerts (default "
+                            f"{DEFAULT_ALERT_SHARE}); one severe or important feature alerts on its own")
     drift.add_argument("--json", help="write the machine-readable result here ('-' for stdout)")
     drift.add_argument("--report", type=Path, help="HTML report path (default <windows>/../reports/drift-<time>.html)")
     drift.add_argument("--no-report", action="store_true", help="skip the HTML report")

@@ -100,7 +100,7 @@ class NoiseModel:
         if key not in self._cache:
             rng = np.random.default_rng(zlib.crc32(f"{alpha}:{beta}:{size}".encode()))
             chance = rng.beta(alpha, beta, NULL_SAMPLES)
-            self._cache[key] = tail_quantile(rng.binomial(size, chance) / size, squared=False)
+            self._cache[key] = tail_quantile(rng.binomial(size, chance) / size, "linear")
         return self._cache[key]
 
 
@@ -112,18 +112,26 @@ def _null_quantiles(reference: np.ndarray, values: int, ordered: bool, seed: int
     current = np.zeros((NULL_SAMPLES, reference.size))
     current[:, support] = rng.multinomial(values, masses)
     null = distance_arrays(reference, current, ordered)
-    return {metric: tail_quantile(null[metric], squared=metric != "psi") for metric in METRICS if metric in null}
+    return {metric: tail_quantile(null[metric], "log" if metric == "psi" else "square")
+            for metric in METRICS if metric in null}
 
 
-def tail_quantile(null: np.ndarray, squared: bool) -> float:
+def tail_quantile(null: np.ndarray, scale: str) -> float:
     """NOISE_QUANTILE of a null sample too small to hold it: extrapolated from its 90% and 99% quantiles
-    on the scale where its tail is close to exponential (PSI is a chi-square, the other distances are
-    the roots of one, and KS's square has the Kolmogorov tail), and never under the 99.9% quantile."""
-    scale = null * null if squared else null
-    q90, q99, q999 = np.quantile(scale, [0.9, 0.99, 0.999])
+    on a `scale` where its tail is close to exponential, and never under its 99.9% quantile.
+
+    "square" for KS, D1 and JS (roots of chi-square-like sums; KS's square has the Kolmogorov tail);
+    "log" for PSI, whose tail is heavier when bins are nearly empty (its log terms), which overstates
+    it a little elsewhere; "linear" for a share of values (a binomial's tail is lighter)."""
+    q90, q99, q999 = (float(q) for q in np.quantile(null, [0.9, 0.99, 0.999]))
     decades = -math.log10(1.0 - NOISE_QUANTILE) - 2.0
-    value = max(q99 + decades * (q99 - q90), q999)
-    return float(math.sqrt(value) if squared else value)
+    if scale == "square":
+        value = math.sqrt(q99 * q99 + decades * (q99 * q99 - q90 * q90))
+    elif scale == "log" and q90 > 0:
+        value = q99 * (q99 / q90) ** decades
+    else:
+        value = q99 + decades * (q99 - q90)
+    return max(value, q999)
 
 
 def _first_over(distances_by_shift: dict[str, np.ndarray], limits: dict[str, float], shifts: np.ndarray) -> float | None:
