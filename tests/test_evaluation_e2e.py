@@ -237,3 +237,39 @@ def test_a_full_log_drops_from_the_log_not_from_inference_and_says_so(tmp_path: 
         time.sleep(0.2)
     assert dropped > 0 and logged > 0 and logged + dropped == sent
     assert values['hotpath_evaluation_dropped_total{model="cancer",reason="store_error"}'] == 0
+
+
+def test_text_inputs_and_batches_of_every_size_are_stored_whole(tmp_path: Path, start_server) -> None:
+    pytest.importorskip("pyarrow", reason="pip install pyarrow for the default Parquet store")
+    from drift_models import make_data, make_model
+    from hotpath_client._tensors import infer_request
+
+    repo = tmp_path / "repo"
+    model_dir = make_model(repo, drift="enable: false")
+    (model_dir / "config.pbtxt").write_text((model_dir / "config.pbtxt").read_text() + "evaluation { }\n")
+    server = start_server(repo)
+    channel = grpc.insecure_channel(server.url)
+    infer = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+    data = make_data(40, seed=3)
+    sent = {}
+    start = 0
+    for i, rows in enumerate([1, 3, 1, 2, 5, 1, 1, 4] * 2):
+        batch = {"x": data["x"][start:start + rows], "city": data["city"][start:start + rows]}
+        request = pb.ModelInferRequest.FromString(infer_request("tabular", batch, None, "", f"t{i}").SerializeToString())
+        response = infer(request, timeout=10)
+        sent[f"t{i}"] = (batch, np.frombuffer(response.raw_output_contents[[o.name for o in response.outputs].index("score")], np.float32))
+        start = (start + rows) % 30
+    answer = evaluation_pb2_grpc.EvaluationStub(channel).AttachLabels(
+        evaluation_pb2.AttachLabelsRequest(model_name="tabular", labels=[evaluation_pb2.Label(id="t1", row=2, number_value=0.5)]), timeout=30)
+    assert answer.attached == 1
+    assert server.stop() == 0
+    store = open_store(model_dir / "evaluation" / "store")
+    stored = {p.request_id: p for p in store.predictions("tabular")}
+    store.close()
+    assert sorted(stored) == sorted(sent)
+    for request_id, (batch, score) in sent.items():
+        prediction = stored[request_id]
+        assert prediction.rows == len(batch["x"]) and prediction.version == 1
+        assert np.array_equal(prediction.inputs["x"], batch["x"]) and list(prediction.inputs["city"]) == list(batch["city"])
+        assert np.array_equal(prediction.outputs["score"].ravel(), score)
+    assert stored["t1"].labels == [None, None, 0.5]

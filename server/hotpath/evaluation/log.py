@@ -28,7 +28,7 @@ import numpy as np
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import model_config_pb2
 from hotpath.errors import InferenceError
-from hotpath.evaluation.store import LabelValue, Store, StoreError, TensorEncoder, default_store_path, open_store
+from hotpath.evaluation.store import LabelValue, Store, StoreError, default_store_path, open_store
 
 if TYPE_CHECKING:
     from hotpath.serving.model import Model
@@ -87,7 +87,6 @@ class PredictionLog:
         self._closing = False
         self._id_prefix = secrets.token_hex(6)
         self._ids = itertools.count()
-        self._encoders: weakref.WeakKeyDictionary[Model, TensorEncoder] = weakref.WeakKeyDictionary()
         opened: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(opened,), name=f"hotpath-evaluation-{name}", daemon=True)
         self._thread.start()
@@ -154,19 +153,8 @@ class PredictionLog:
         count = len(self._pending)
         if not count:
             return
-        records = []
-        encoders = self._encoders
         try:
-            for _ in range(count):
-                time_s, request_id, model, inputs, outputs = self._pending.popleft()
-                encoder = encoders.get(model)
-                if encoder is None:
-                    encoder = encoders[model] = TensorEncoder([(s.name, s.datatype.name) for s in model.inputs],
-                                                              [(s.name, s.datatype.name) for s in model.outputs])
-                tensors, data = encoder.encode(inputs, outputs)
-                rows = len(outputs[0]) if model.batched and outputs else 1
-                records.append((self.name, request_id, model.version, time_s, rows, tensors, data))
-            store.write_predictions(records)
+            store.write_requests(self.name, [self._pending.popleft() for _ in range(count)])
             self.logged += count
         except Exception:
             self.failed += count

@@ -13,15 +13,20 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import weakref
 from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hotpath.serving._codec import join_bytes, split_bytes
 from hotpath.serving.datatypes import DATATYPES
+
+if TYPE_CHECKING:
+    from hotpath.serving.model import Model
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -143,6 +148,7 @@ class Store:
 
     def __init__(self, location: str | Path) -> None:
         self.location = str(location)
+        self._encoders: weakref.WeakKeyDictionary[Model, TensorEncoder] = weakref.WeakKeyDictionary()
         self.postgres = self.location.startswith(POSTGRES_SCHEMES)
         if self.postgres:
             try:
@@ -184,6 +190,22 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+    def encoder(self, model: Model) -> TensorEncoder:
+        """The tensor encoder of one served model version, made once."""
+        encoder = self._encoders.get(model)
+        if encoder is None:
+            encoder = self._encoders[model] = TensorEncoder([(s.name, s.datatype.name) for s in model.inputs],
+                                                            [(s.name, s.datatype.name) for s in model.outputs])
+        return encoder
+
+    def write_requests(self, name: str, requests: Sequence[tuple[float, str, Model, Sequence[np.ndarray | None], Sequence[np.ndarray]]]) -> None:
+        """Store logged requests of model `name`, each (time_s, request id, model version, inputs, outputs)."""
+        records = []
+        for time_s, request_id, model, inputs, outputs in requests:
+            tensors, data = self.encoder(model).encode(inputs, outputs)
+            records.append((name, request_id, model.version, time_s, len(outputs[0]) if model.batched and outputs else 1, tensors, data))
+        self.write_predictions(records)
 
     def write_predictions(self, rows: Iterable[tuple[str, str, int, float, int, str, bytes]]) -> None:
         """Store (model, request id, version, time_s, rows, tensors, data) records in one transaction; an id
