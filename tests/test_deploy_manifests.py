@@ -26,7 +26,8 @@ KUBERNETES_VERSION = "1.30"
 
 
 def _documents(path: Path) -> list[dict]:
-    return [document for document in yaml.safe_load_all(path.read_text()) if document]
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return [document for document in yaml.load_all(path.read_text(), Loader=loader) if document]
 
 
 def _objects(folder: Path) -> list[tuple[Path, dict]]:
