@@ -126,7 +126,7 @@ def _sigterm_under_load(tmp_path, start_server, delay_us: int, *flags: str) -> t
     with grpc.insecure_channel(server.url) as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         calls = [stub.ModelInfer.future(_add_sub_request(i), timeout=30) for i in range(24)]
-        time.sleep(0.3)
+        time.sleep(0.6)  # every call reaches the queue first, even on a busy machine; the queue holds them 1 s
         stopped = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         outcomes = []

@@ -133,9 +133,12 @@ class FrontEnd:
         A call still unanswered when the grace period ends is answered UNAVAILABLE, which clients
         and retry policies treat as "try again elsewhere", never CANCELLED.
         """
-        shutdown = asyncio.get_running_loop().run_in_executor(None, self._native.shutdown, grace_s + SHUTDOWN_MARGIN_S)
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=grace_s)
+        loop = asyncio.get_running_loop()
+        shutdown = loop.run_in_executor(None, self._native.shutdown, grace_s + SHUTDOWN_MARGIN_S)
+        deadline = loop.time() + grace_s
+        while self._tasks and (remaining := deadline - loop.time()) > 0:
+            # Calls gRPC matched just before it stopped accepting arrive while this waits: they get the grace period too.
+            await asyncio.wait(list(self._tasks), timeout=remaining)
         for task, call in list(self._tasks.items()):
             call.finish(UNAVAILABLE, "the server is shutting down before it could answer; retry the call")
             task.cancel()
