@@ -1,9 +1,9 @@
 """The prediction log: a sampled share of each opted-in model's requests, written to its store off the request path.
 
 The event loop's thread only samples and appends to a bounded deque (a full one drops from the log and
-counts it; inference never waits); one writer thread per model drains it every FLUSH_INTERVAL_S,
-encodes the tensors and commits them in one transaction, and runs label jobs in the same order, so a
-label sent after its response always finds its prediction.
+counts it; inference never waits); one writer thread per model drains it every FLUSH_INTERVAL_S into
+its store (one SQL transaction, or the Parquet store's current segment), and runs label jobs after
+what was queued before them, so a label sent after its response always finds its prediction.
 """
 
 from __future__ import annotations
@@ -90,7 +90,11 @@ class PredictionLog:
         opened: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(opened,), name=f"hotpath-evaluation-{name}", daemon=True)
         self._thread.start()
-        opened.result(OPEN_TIMEOUT_S)
+        try:
+            opened.result(OPEN_TIMEOUT_S)
+        except TimeoutError:
+            self._closing = True
+            raise StoreError(f"model '{name}': the evaluation store {self.location} did not open within {OPEN_TIMEOUT_S:g} s") from None
         _LIVE.add(self)
 
     def offer(self, model: Model, request: pb.ModelInferRequest, inputs: Sequence[np.ndarray | None],

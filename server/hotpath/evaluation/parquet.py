@@ -78,7 +78,7 @@ class ParquetStore(Store):
         groups: dict[tuple, list] = {}
         for request in requests:
             _, _, model, inputs, outputs = request
-            groups.setdefault((model, *(None if a is None else a.shape for a in inputs), *(a.shape for a in outputs)), []).append(request)
+            groups.setdefault((model, *[None if a is None else a.shape for a in inputs], *[a.shape for a in outputs]), []).append(request)
         one_by_one = []
         for (model, *_), group in groups.items():
             first = (*group[0][3], *group[0][4])
