@@ -2,8 +2,8 @@
 detection of a small shift, and the exit code on one severe feature among many, on generated data and
 on the real tabular sets scikit-learn ships inside its package (nothing is downloaded).
 
-    python -m bench.drift_quality                      # the full measurement, about 6 minutes on 2 cores
-    python -m bench.drift_quality --quick              # fewer trials, about 1.5 minutes
+    python -m bench.drift_quality                      # the full measurement, about 8 minutes on 2 cores
+    python -m bench.drift_quality --quick              # fewer trials, under 3 minutes
     python -m bench.drift_quality --report-png docs/drift-report.png   # also redraw the README's screenshot
 
 "Held-out data from the training distribution": for generated data, fresh draws; for a real set, its
