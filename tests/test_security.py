@@ -6,6 +6,7 @@ header or by client identity, each action on the audit log; the metrics endpoint
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import json
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import hotpath_client
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -317,6 +319,26 @@ def test_restricted_protocols_answer_only_callers_with_their_header(tmp_path, st
     assert sum("header 'admin-key' present: OK" in line for line in lines) == 3, lines
     assert any("RepositoryModelLoad model 'not_on_disk'" in line and "failed: NOT_FOUND" in line for line in lines), lines
     assert SECRET not in server.output()
+
+
+def test_hotpath_client_sends_its_headers_to_a_restricted_server(tmp_path, start_server):
+    add_sub_model(tmp_path)
+    server = start_server(tmp_path, "--model-control", "explicit", "--grpc-restricted-protocol", f"model-repository:admin-key={SECRET}")
+    with hotpath_client.Client(server.url, timeout=10) as plain, pytest.raises(hotpath_client.HotpathError) as raised:
+        plain.unload("add_sub")
+    assert raised.value.code == grpc.StatusCode.PERMISSION_DENIED and "'admin-key'" in raised.value.message
+
+    async def cycle() -> bool:
+        async with hotpath_client.AsyncClient(server.url, timeout=10, headers={"admin-key": SECRET}) as client:
+            await client.unload("add_sub")
+            await client.load("add_sub")
+            return await client.model_ready("add_sub")
+
+    with hotpath_client.Client(server.url, timeout=10, headers={"admin-key": SECRET}) as admin:
+        admin.unload("add_sub")
+        assert not admin.model_ready("add_sub")
+        admin.load("add_sub")
+    assert asyncio.run(cycle())
 
 
 def test_model_control_restricted_to_allowed_client_identities(tmp_path, start_server, pki, grpcurl):

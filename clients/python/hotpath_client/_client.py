@@ -86,15 +86,18 @@ class Client:
     `url` is host:port. TLS is on when `ssl` is true or any certificate is given: `root_certificates`
     to trust (default: the system's), `certificate_chain` and `private_key` for mutual TLS. `timeout`
     is the default deadline in seconds for every call (None: no deadline); each call may override it.
+    `headers` go with every call, e.g. the key and value a server restricts model control to
+    (`--grpc-restricted-protocol model-repository:KEY=VALUE`).
     """
 
     def __init__(self, url: str = "localhost:8001", *, ssl: bool = False, root_certificates: Pem | None = None,
                  certificate_chain: Pem | None = None, private_key: Pem | None = None, timeout: float | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, headers: Mapping[str, str] | None = None) -> None:
         credentials = _credentials(ssl, root_certificates, private_key, certificate_chain)
         options = _options(max_message_bytes)
         self._channel = (grpc.secure_channel(url, credentials, options) if credentials
                          else grpc.insecure_channel(url, options))
+        self.headers = tuple(headers.items()) if headers else None
         self._stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self.url = url
         self.timeout = timeout
@@ -115,57 +118,57 @@ class Client:
     def live(self, *, timeout: float | None = None) -> bool:
         """Whether the server process is up."""
         with translated():
-            return self._stub.ServerLive(pb.ServerLiveRequest(), timeout=self._deadline(timeout)).live
+            return self._stub.ServerLive(pb.ServerLiveRequest(), timeout=self._deadline(timeout), metadata=self.headers).live
 
     def ready(self, *, timeout: float | None = None) -> bool:
         """Whether the server is ready to serve inferences (its models loaded)."""
         with translated():
-            return self._stub.ServerReady(pb.ServerReadyRequest(), timeout=self._deadline(timeout)).ready
+            return self._stub.ServerReady(pb.ServerReadyRequest(), timeout=self._deadline(timeout), metadata=self.headers).ready
 
     def model_ready(self, name: str, version: str = "", *, timeout: float | None = None) -> bool:
         """Whether a model (a version of it; the latest when empty) can serve now."""
         with translated():
             request = pb.ModelReadyRequest(name=name, version=version)
-            return self._stub.ModelReady(request, timeout=self._deadline(timeout)).ready
+            return self._stub.ModelReady(request, timeout=self._deadline(timeout), metadata=self.headers).ready
 
     def server_metadata(self, *, timeout: float | None = None) -> pb.ServerMetadataResponse:
         """The server's name, version and protocol extensions."""
         with translated():
-            return self._stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=self._deadline(timeout))
+            return self._stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=self._deadline(timeout), metadata=self.headers)
 
     def metadata(self, name: str, version: str = "", *, timeout: float | None = None) -> pb.ModelMetadataResponse:
         """A model's versions and its inputs' and outputs' names, datatypes and shapes."""
         with translated():
             request = pb.ModelMetadataRequest(name=name, version=version)
-            return self._stub.ModelMetadata(request, timeout=self._deadline(timeout))
+            return self._stub.ModelMetadata(request, timeout=self._deadline(timeout), metadata=self.headers)
 
     def config(self, name: str, version: str = "", *, timeout: float | None = None) -> model_config_pb2.ModelConfig:
         """A model's configuration as the server applies it (Triton's `ModelConfig` schema)."""
         with translated():
             request = pb.ModelConfigRequest(name=name, version=version)
-            return self._stub.ModelConfig(request, timeout=self._deadline(timeout)).config
+            return self._stub.ModelConfig(request, timeout=self._deadline(timeout), metadata=self.headers).config
 
     def statistics(self, name: str = "", version: str = "", *, timeout: float | None = None) -> pb.ModelStatisticsResponse:
         """Inference counts and cumulative timings, for one model or (empty name) all of them."""
         with translated():
             request = pb.ModelStatisticsRequest(name=name, version=version)
-            return self._stub.ModelStatistics(request, timeout=self._deadline(timeout))
+            return self._stub.ModelStatistics(request, timeout=self._deadline(timeout), metadata=self.headers)
 
     def repository_index(self, ready: bool = False, *, timeout: float | None = None) -> list[pb.RepositoryIndexResponse.ModelIndex]:
         """The repository's models with their state; only the ready ones when `ready`."""
         with translated():
             request = pb.RepositoryIndexRequest(ready=ready)
-            return list(self._stub.RepositoryIndex(request, timeout=self._deadline(timeout)).models)
+            return list(self._stub.RepositoryIndex(request, timeout=self._deadline(timeout), metadata=self.headers).models)
 
     def load(self, name: str, *, timeout: float | None = None) -> None:
         """Load a model from the repository, or reload it to pick up new versions or configuration."""
         with translated():
-            self._stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=self._deadline(timeout))
+            self._stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=self._deadline(timeout), metadata=self.headers)
 
     def unload(self, name: str, *, timeout: float | None = None) -> None:
         """Unload a model; its in-flight requests finish first."""
         with translated():
-            self._stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=self._deadline(timeout))
+            self._stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=self._deadline(timeout), metadata=self.headers)
 
     def infer(self, model: str, inputs: Inputs, outputs: Sequence[str] | None = None, version: str = "",
               request_id: str = "", *, timeout: float | None = None) -> dict[str, np.ndarray]:
@@ -176,7 +179,7 @@ class Client:
         """
         request = infer_request(model, inputs, outputs, version, request_id)
         with translated():
-            return infer_outputs(self._stub.ModelInfer(request, timeout=self._deadline(timeout)))
+            return infer_outputs(self._stub.ModelInfer(request, timeout=self._deadline(timeout), metadata=self.headers))
 
     def stream_infer(self, model: str, requests: Iterable[Inputs], outputs: Sequence[str] | None = None,
                      version: str = "", *, timeout: float | None = None) -> Iterator[StreamResult]:
@@ -188,7 +191,7 @@ class Client:
         the answers to those sent are yielded.
         """
         pending = _Requests(model, requests, outputs, version)
-        call = self._stub.ModelStreamInfer(iter(pending), timeout=self._deadline(timeout))
+        call = self._stub.ModelStreamInfer(iter(pending), timeout=self._deadline(timeout), metadata=self.headers)
         try:
             with translated():
                 for response in call:
@@ -207,11 +210,12 @@ class AsyncClient:
 
     def __init__(self, url: str = "localhost:8001", *, ssl: bool = False, root_certificates: Pem | None = None,
                  certificate_chain: Pem | None = None, private_key: Pem | None = None, timeout: float | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, headers: Mapping[str, str] | None = None) -> None:
         credentials = _credentials(ssl, root_certificates, private_key, certificate_chain)
         options = _options(max_message_bytes)
         self._channel = (grpc.aio.secure_channel(url, credentials, options) if credentials
                          else grpc.aio.insecure_channel(url, options))
+        self.headers = tuple(headers.items()) if headers else None
         self._stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self.url = url
         self.timeout = timeout
@@ -232,64 +236,64 @@ class AsyncClient:
     async def live(self, *, timeout: float | None = None) -> bool:
         """Whether the server process is up."""
         with translated():
-            return (await self._stub.ServerLive(pb.ServerLiveRequest(), timeout=self._deadline(timeout))).live
+            return (await self._stub.ServerLive(pb.ServerLiveRequest(), timeout=self._deadline(timeout), metadata=self.headers)).live
 
     async def ready(self, *, timeout: float | None = None) -> bool:
         """Whether the server is ready to serve inferences (its models loaded)."""
         with translated():
-            return (await self._stub.ServerReady(pb.ServerReadyRequest(), timeout=self._deadline(timeout))).ready
+            return (await self._stub.ServerReady(pb.ServerReadyRequest(), timeout=self._deadline(timeout), metadata=self.headers)).ready
 
     async def model_ready(self, name: str, version: str = "", *, timeout: float | None = None) -> bool:
         """Whether a model (a version of it; the latest when empty) can serve now."""
         with translated():
             request = pb.ModelReadyRequest(name=name, version=version)
-            return (await self._stub.ModelReady(request, timeout=self._deadline(timeout))).ready
+            return (await self._stub.ModelReady(request, timeout=self._deadline(timeout), metadata=self.headers)).ready
 
     async def server_metadata(self, *, timeout: float | None = None) -> pb.ServerMetadataResponse:
         """The server's name, version and protocol extensions."""
         with translated():
-            return await self._stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=self._deadline(timeout))
+            return await self._stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=self._deadline(timeout), metadata=self.headers)
 
     async def metadata(self, name: str, version: str = "", *, timeout: float | None = None) -> pb.ModelMetadataResponse:
         """A model's versions and its inputs' and outputs' names, datatypes and shapes."""
         with translated():
             request = pb.ModelMetadataRequest(name=name, version=version)
-            return await self._stub.ModelMetadata(request, timeout=self._deadline(timeout))
+            return await self._stub.ModelMetadata(request, timeout=self._deadline(timeout), metadata=self.headers)
 
     async def config(self, name: str, version: str = "", *, timeout: float | None = None) -> model_config_pb2.ModelConfig:
         """A model's configuration as the server applies it (Triton's `ModelConfig` schema)."""
         with translated():
             request = pb.ModelConfigRequest(name=name, version=version)
-            return (await self._stub.ModelConfig(request, timeout=self._deadline(timeout))).config
+            return (await self._stub.ModelConfig(request, timeout=self._deadline(timeout), metadata=self.headers)).config
 
     async def statistics(self, name: str = "", version: str = "", *, timeout: float | None = None) -> pb.ModelStatisticsResponse:
         """Inference counts and cumulative timings, for one model or (empty name) all of them."""
         with translated():
             request = pb.ModelStatisticsRequest(name=name, version=version)
-            return await self._stub.ModelStatistics(request, timeout=self._deadline(timeout))
+            return await self._stub.ModelStatistics(request, timeout=self._deadline(timeout), metadata=self.headers)
 
     async def repository_index(self, ready: bool = False, *, timeout: float | None = None) -> list[pb.RepositoryIndexResponse.ModelIndex]:
         """The repository's models with their state; only the ready ones when `ready`."""
         with translated():
             request = pb.RepositoryIndexRequest(ready=ready)
-            return list((await self._stub.RepositoryIndex(request, timeout=self._deadline(timeout))).models)
+            return list((await self._stub.RepositoryIndex(request, timeout=self._deadline(timeout), metadata=self.headers)).models)
 
     async def load(self, name: str, *, timeout: float | None = None) -> None:
         """Load a model from the repository, or reload it to pick up new versions or configuration."""
         with translated():
-            await self._stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=self._deadline(timeout))
+            await self._stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=self._deadline(timeout), metadata=self.headers)
 
     async def unload(self, name: str, *, timeout: float | None = None) -> None:
         """Unload a model; its in-flight requests finish first."""
         with translated():
-            await self._stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=self._deadline(timeout))
+            await self._stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=self._deadline(timeout), metadata=self.headers)
 
     async def infer(self, model: str, inputs: Inputs, outputs: Sequence[str] | None = None, version: str = "",
                     request_id: str = "", *, timeout: float | None = None) -> dict[str, np.ndarray]:
         """Run one inference; see `Client.infer`."""
         request = infer_request(model, inputs, outputs, version, request_id)
         with translated():
-            return infer_outputs(await self._stub.ModelInfer(request, timeout=self._deadline(timeout)))
+            return infer_outputs(await self._stub.ModelInfer(request, timeout=self._deadline(timeout), metadata=self.headers))
 
     async def stream_infer(self, model: str, requests: Iterable[Inputs] | AsyncIterable[Inputs],
                            outputs: Sequence[str] | None = None, version: str = "", *,
@@ -299,7 +303,7 @@ class AsyncClient:
         `requests` may be a plain or an async iterable.
         """
         pending = _Requests(model, requests, outputs, version)
-        call = self._stub.ModelStreamInfer(pending.__aiter__(), timeout=self._deadline(timeout))
+        call = self._stub.ModelStreamInfer(pending.__aiter__(), timeout=self._deadline(timeout), metadata=self.headers)
         try:
             with translated():
                 async for response in call:
