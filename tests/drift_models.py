@@ -76,36 +76,3 @@ def save_npz(path: Path, data: dict[str, np.ndarray]) -> Path:
     np.savez(path, x=data["x"], city=data["city"].astype(np.bytes_))
     return path
 
-
-def wide_plans(features: int):
-    """The features of a model with one numeric input `x` [batch, features] and no recorded outputs."""
-    from hotpath._proto import model_config_pb2
-    from hotpath.drift.features import plan_features
-    from hotpath.serving.config import TensorSpec
-    from hotpath.serving.datatypes import DATATYPES
-    config = model_config_pb2.ModelDriftConfig(enable=True, skip_outputs=True)
-    return plan_features([TensorSpec("x", DATATYPES["FP32"], (features,))], [], config, "wide")
-
-
-def wide_reference(x: np.ndarray, directory: Path | None = None):
-    """A reference for `x` [rows, features] of the `wide` model, saved as `directory/reference.json` if given."""
-    from hotpath.drift.files import write_json_atomically
-    from hotpath.drift.reference import reference_from_arrays
-    reference = reference_from_arrays("wide", 1, wide_plans(x.shape[1]), {"x": x.astype(np.float32)}, {})
-    if directory is not None:
-        write_json_atomically(directory / "reference.json", reference.document)
-    return reference
-
-
-WINDOW_START = 1_700_000_000.0 - 1_700_000_000.0 % 3600
-
-
-def record_wide(directory: Path, reference, x: np.ndarray, hour: int = 0) -> Path:
-    """Record `x` as the `wide` model's traffic in the hour-long window `hour` hours after WINDOW_START."""
-    from hotpath.drift.recorder import DriftRecorder
-    recorder = DriftRecorder("wide", 1, wide_plans(x.shape[1]), reference, directory, 3600,
-                             clock=lambda: WINDOW_START + hour * 3600)
-    for start in range(0, len(x), 4096):
-        recorder.record({"x": x[start:start + 4096].astype(np.float32)}, {})
-    recorder.close()
-    return directory

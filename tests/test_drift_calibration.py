@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer
 
-from bench.drift_quality import flagged, judge, reference_of
-from drift_models import record_wide, wide_reference
+from bench.drift_quality import flagged, judge, record, reference_of
 from hotpath.drift.cli import main
+from hotpath.drift.files import write_json_atomically
 from hotpath.drift.job import Thresholds, ThresholdSet
 from hotpath.drift.reference import load_reference
 
@@ -54,14 +54,14 @@ def test_the_detectable_shift_is_what_gets_flagged() -> None:
 
 def saved_reference(directory: Path, rng: np.random.Generator, features: int) -> Path:
     """A saved reference for `features` standard-normal features of 3000 rows."""
-    wide_reference(rng.standard_normal((3000, features)), directory)
+    write_json_atomically(directory / "reference.json", reference_of(rng.standard_normal((3000, features))).document)
     return directory
 
 
 def drift_job(directory: Path, traffic: np.ndarray, *extra: str) -> tuple[int, dict]:
     """`hotpath drift` on `traffic` recorded as one span: its exit code and that span's JSON."""
     windows = directory / f"windows-{len(list(directory.glob('windows-*')))}"
-    record_wide(windows, load_reference(directory / "reference.json"), traffic)
+    record(windows, load_reference(directory / "reference.json"), [traffic])
     out = directory / "result.json"
     code = main(["drift", "--reference", str(directory / "reference.json"), "--windows", str(windows),
                  "--json", str(out), "--no-report", *extra])
