@@ -82,15 +82,18 @@ class ParquetStore(Store):
         one_by_one = []
         for (model, *_), group in groups.items():
             first = (*group[0][3], *group[0][4])
-            if any(a is None or a.dtype == object for a in first):
+            if any(a is None or a.dtype == object or a.ndim == 0 for a in first):
                 one_by_one += group
                 continue
             count = len(group)
             described, _ = self.encoder(model).encode(group[0][3], group[0][4])
             arrays = [(*inputs, *outputs) for _, _, _, inputs, outputs in group]
-            tensors = [np.stack([a[k] for a in arrays]).reshape(count, -1).view(np.uint8) for k in range(len(first))]
-            blobs = np.ascontiguousarray(np.hstack(tensors) if len(tensors) > 1 else tensors[0])
-            width = blobs.shape[1]
+            width = sum(a.nbytes for a in first)
+            blobs = np.empty((count, width), np.uint8)
+            offset = 0
+            for k, tensor in enumerate(first):
+                blobs[:, offset:offset + tensor.nbytes] = np.concatenate([a[k] for a in arrays]).reshape(count, -1).view(np.uint8)
+                offset += tensor.nbytes
             data = self.pa.Array.from_buffers(self.pa.binary(), count, [None, self.pa.py_buffer(np.arange(0, (count + 1) * width, width,
                                                                                                            dtype=np.int32)),
                                                                        self.pa.py_buffer(blobs)])
