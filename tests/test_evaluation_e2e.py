@@ -167,7 +167,7 @@ def test_logged_predictions_late_labels_and_quality_per_span(tmp_path: Path, sta
     assert done.returncode == 0, done.stderr
     picked = [line.split(",") for line in suggestions.read_text().splitlines()[1:]]
     unlabelled = {key for keys in bursts for key in keys[-5:]}
-    assert len(picked) == 4 and all((r, int(row)) in unlabelled for r, row, _ in picked)
+    assert len(picked) == 4 and all((r, int(row)) in unlabelled and reason == "margin" for r, row, reason, _ in picked)
 
     # A server killed mid-traffic leaves a readable store holding everything written before.
     sent_late = []

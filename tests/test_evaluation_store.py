@@ -100,8 +100,8 @@ def test_accuracy_per_day_matches_sklearn_and_a_flipped_day_alerts(store_locatio
     flipped = evaluate(store, "m", config, NOW, 7 * DAY, DAY)
     assert flipped.alert and [s.status for s in flipped.spans] == ["ok"] * 4 + ["alert"] + ["ok"] * 2
     picks = suggest(store, "m", config, NOW - 7 * DAY, NOW, 3)
-    assert len(picks) == 3 and all(request_id.endswith("-7") for request_id, _, _ in picks)
-    assert [m for _, _, m in picks] == sorted(m for _, _, m in picks)
+    assert len(picks) == 3 and all(request_id.endswith("-7") and reason == "margin" for request_id, _, reason, _ in picks)
+    assert [m for _, _, _, m in picks] == sorted(m for _, _, _, m in picks)
     store.close()
 
 
@@ -122,3 +122,31 @@ def test_regression_reports_mae_and_rmse(store_location: str) -> None:
     assert span.metrics["mae"] == pytest.approx(metrics.mean_absolute_error(truth, values))
     assert span.metrics["rmse"] == pytest.approx(metrics.root_mean_squared_error(truth, values))
     store.close()
+
+
+def test_suggestions_take_turns_between_uncertain_predictions_and_drifted_regions(store_location: str) -> None:
+    from hotpath.drift.features import plan_features
+    from hotpath.drift.reference import reference_from_arrays
+    from hotpath.serving.config import TensorSpec
+    from hotpath.serving.datatypes import DATATYPES
+
+    rng = np.random.default_rng(1)
+    specs = [TensorSpec("x", DATATYPES["FP32"], (2,))]
+    plans = plan_features(specs, [], model_config_pb2.ModelDriftConfig(skip_outputs=True), "m")
+    reference = reference_from_arrays("m", 1, plans, {"x": rng.standard_normal((5000, 2)).astype(np.float32)}, {})
+    store = open_store(store_location)
+    records = []
+    for i in range(60):
+        x = rng.standard_normal((1, 2)).astype(np.float32) + (6.0 if i % 10 == 3 else 0.0)
+        p = 0.5 + 0.4 * rng.uniform() if i != 7 else 0.51
+        tensors, data = encode_tensors([("x", "FP32", x)], [("label", "INT64", np.array([int(p > 0.5)])),
+                                                            ("probabilities", "FP32", np.array([[1 - p, p]], np.float32))])
+        records.append(("m", f"r{i}", 1, NOW - 100 + i, 1, tensors, data))
+    store.write_predictions(records)
+    store.flush(force=True)
+    store.attach_labels("m", [("r13", 0, 1)], NOW)
+    picks = suggest(store, "m", model_config_pb2.ModelEvaluationConfig(), NOW - 200, NOW, 6, reference)
+    store.close()
+    assert [reason for _, _, reason, _ in picks] == ["margin", "drift"] * 3
+    assert picks[0][0] == "r7"
+    assert {request_id for request_id, _, reason, _ in picks if reason == "drift"} <= {"r3", "r23", "r33", "r43", "r53"}

@@ -16,6 +16,7 @@ from hotpath.cli.label import CommandError, add_store_arguments, guarded, resolv
 from hotpath.drift.files import parse_utc, write_text_atomically
 from hotpath.drift.job import parse_duration
 from hotpath.drift.features import DriftError
+from hotpath.drift.reference import Reference, load_reference, reference_path
 from hotpath.evaluation.job import DEFAULT_MAX_DROP, DEFAULT_MIN_LABELS, EvaluationError, evaluate, suggest, summary
 from hotpath.evaluation.report import write_report
 
@@ -45,19 +46,32 @@ def _reference(text: str | None) -> tuple[float, float] | None:
     return _moment(start), _moment(end)
 
 
+def _drift_reference(args: argparse.Namespace) -> Reference | None:
+    """The drift reference `--suggest` ranks drifted regions by: `--drift-reference`, else the model's own if it has one."""
+    path = args.drift_reference
+    if path is None and args.model_repository is not None:
+        path = reference_path(args.model_repository / args.model)
+        if not path.exists():
+            return None
+    try:
+        return load_reference(path) if path is not None else None
+    except DriftError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def _evaluate_command(args: argparse.Namespace) -> int:
     until = _moment(args.until) if args.until else time.time()
     last = _seconds(args.last)
     store, config = resolve_store(args)
     try:
         if args.suggest is not None:
-            picks = suggest(store, args.model, config, until - last, until, args.suggest)
-            text = "".join(f"{request_id},{row},{margin:.6f}\n" for request_id, row, margin in picks)
+            picks = suggest(store, args.model, config, until - last, until, args.suggest, _drift_reference(args))
+            text = "id,row,reason,score\n" + "".join(f"{request_id},{row},{reason},{score:.6f}\n" for request_id, row, reason, score in picks)
             if args.output:
-                write_text_atomically(args.output, "id,row,margin\n" + text)
+                write_text_atomically(args.output, text)
                 print(f"wrote {len(picks)} id(s) worth labelling to {args.output}")
             else:
-                sys.stdout.write("id,row,margin\n" + text)
+                sys.stdout.write(text)
             return EXIT_CLEAN
         result = evaluate(store, args.model, config, until, last, _seconds(args.span), reference=_reference(args.reference),
                           max_drop=args.max_drop, min_labels=args.min_labels)
@@ -100,7 +114,10 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--no-report", action="store_true", help="skip the HTML report")
     command.add_argument("--drift-report", type=Path, help="a `hotpath drift` HTML report to show beside quality on the same page")
     command.add_argument("--suggest", type=int, metavar="N",
-                         help="instead of evaluating, write the N unlabelled rows of the window with the least certain "
-                              "predictions (smallest margin between the top two probabilities) as id,row,margin")
+                         help="instead of evaluating, write N unlabelled rows of the window worth labelling, as "
+                              "id,row,reason,score: by turns the least certain predictions (reason margin: the top two "
+                              "probabilities' difference) and those in the most drifted regions (reason drift)")
+    command.add_argument("--drift-reference", type=Path,
+                         help="drift reference for --suggest (default <model dir>/drift/reference.json when it exists)")
     command.add_argument("--output", type=Path, help="with --suggest, the CSV file to write (default stdout)")
     command.set_defaults(func=guarded(_evaluate_command))

@@ -8,6 +8,7 @@ RMSE) is worse than the reference's by more than `max_drop`, relatively.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from hotpath._proto import model_config_pb2
 from hotpath.drift.files import utc_iso
+from hotpath.drift.reference import Reference
 from hotpath.evaluation.store import Prediction, Store
 
 CLASSIFICATION, REGRESSION = "classification", "regression"
@@ -223,23 +225,67 @@ def evaluate(store: Store, model: str, config: model_config_pb2.ModelEvaluationC
         spans, max_drop, min_labels, any(s.status == "alert" for s in spans))
 
 
+def drift_scores(predictions: list[Prediction], reference: Reference) -> list[np.ndarray]:
+    """Per prediction, per row: how far its inputs sit in drifted regions, the largest log ratio, over the
+    reference's numeric input features, of its bin's share among `predictions` to that bin's share in the
+    reference; values outside the reference's range have bins of their own, which the reference never
+    filled. 0 where the reference names no feature of the logged inputs."""
+    ratios = []
+    for name, feature in reference.features.items():
+        tensor = feature.get("tensor", "")
+        if feature.get("role") != "input" or feature.get("kind") != "numeric" or not feature.get("edges"):
+            continue
+        column = 0 if name == tensor else int(name[len(tensor) + 1:-1]) if name.startswith(f"{tensor}[") else None
+        if column is None or any(tensor not in p.inputs or p.inputs[tensor].reshape(p.rows, -1).shape[1] <= column
+                                 for p in predictions):
+            continue
+        values = np.concatenate([p.inputs[tensor].reshape(p.rows, -1)[:, column] for p in predictions]).astype(np.float64)
+        bins = np.searchsorted(np.asarray(feature["edges"], np.float64), values, side="right") + 1
+        low, high = feature.get("range") or (-np.inf, np.inf)
+        expected = np.asarray([0, *feature["bins"], 0], np.float64)
+        bins[values < low] = 0
+        bins[values > high] = len(expected) - 1
+        seen = np.bincount(bins, minlength=len(expected)).astype(np.float64)
+        share = lambda counts: (counts + 0.5) / (counts.sum() + 0.5 * len(counts))
+        ratios.append(np.log(share(seen) / share(expected))[bins])
+    total = sum(p.rows for p in predictions)
+    score = np.max(np.stack(ratios), axis=0) if ratios else np.zeros(total)
+    return np.split(score, np.cumsum([p.rows for p in predictions])[:-1]) if predictions else []
+
+
 def suggest(store: Store, model: str, config: model_config_pb2.ModelEvaluationConfig, since_s: float, until_s: float,
-            count: int) -> list[tuple[str, int, float]]:
-    """The `count` unlabelled logged rows whose predictions are least certain: (request id, row, margin), where
-    the margin is the top probability minus the second (lowest first)."""
-    candidates = []
-    outputs = None
-    for prediction in store.predictions(model, since_s, until_s):
-        if outputs is None:
-            outputs = choose_outputs(config, prediction)
-            if outputs.probabilities is None:
-                raise EvaluationError(f"model '{model}' logs no probability output to rank by; set evaluation.probability_output")
-        probs = np.sort(prediction.outputs[outputs.probabilities].reshape(prediction.rows, -1), axis=1)
-        margins = probs[:, -1] - (probs[:, -2] if probs.shape[1] > 1 else 0.0)
-        candidates += [(prediction.request_id, row, float(margins[row])) for row in range(prediction.rows)
-                       if prediction.labels[row] is None]
-    candidates.sort(key=lambda c: c[2])
-    return candidates[:count]
+            count: int, reference: Reference | None = None) -> list[tuple[str, int, str, float]]:
+    """The `count` unlabelled logged rows most worth labelling, as (request id, row, reason, score): by turns the
+    least certain ("margin": the top probability minus the second, lowest first) and, given a drift reference,
+    those in the most drifted regions ("drift": see `drift_scores`, highest first)."""
+    predictions = list(store.predictions(model, since_s, until_s))
+    if not predictions:
+        return []
+    outputs = choose_outputs(config, predictions[-1])
+    if outputs.probabilities is None and reference is None:
+        raise EvaluationError(f"model '{model}' logs no probability output to rank by and has no drift reference; "
+                              "set evaluation.probability_output or build one with `hotpath reference`")
+    rankings = []
+    if outputs.probabilities is not None:
+        margins = []
+        for prediction in predictions:
+            probs = np.sort(prediction.outputs[outputs.probabilities].reshape(prediction.rows, -1), axis=1)
+            top = probs[:, -1] - (probs[:, -2] if probs.shape[1] > 1 else 0.0)
+            margins += [(prediction.request_id, row, "margin", float(top[row])) for row in range(prediction.rows)
+                        if prediction.labels[row] is None]
+        rankings.append(sorted(margins, key=lambda c: c[3]))
+    if reference is not None:
+        drifted = [(prediction.request_id, row, "drift", float(scores[row]))
+                   for prediction, scores in zip(predictions, drift_scores(predictions, reference))
+                   for row in range(prediction.rows) if prediction.labels[row] is None]
+        rankings.append(sorted(drifted, key=lambda c: -c[3]))
+    chosen, seen = [], set()
+    for turn in itertools.zip_longest(*rankings):
+        for candidate in turn:
+            if candidate is not None and candidate[:2] not in seen and len(chosen) < count:
+                seen.add(candidate[:2])
+                chosen.append(candidate)
+    return chosen
 
 
 def _number(value: float | None, digits: int = 4) -> str:
