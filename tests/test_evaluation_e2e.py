@@ -273,3 +273,30 @@ def test_text_inputs_and_batches_of_every_size_are_stored_whole(tmp_path: Path, 
         assert np.array_equal(prediction.inputs["x"], batch["x"]) and list(prediction.inputs["city"]) == list(batch["city"])
         assert np.array_equal(prediction.outputs["score"].ravel(), score)
     assert stored["t1"].labels == [None, None, 0.5]
+
+
+def test_many_servers_share_one_postgresql_store(tmp_path: Path, start_server, postgres) -> None:
+    url = postgres.database()
+    servers, stubs = [], []
+    for name in ("a", "b"):
+        _, x, y = classifier_repository(tmp_path / name, url)
+        servers.append(start_server(tmp_path / name))
+        channel = grpc.insecure_channel(servers[-1].url)
+        stubs.append((grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer,
+                      evaluation_pb2_grpc.EvaluationStub(channel).AttachLabels))
+    ids = {}
+    for i in range(40):
+        infer = stubs[i % 2][0]
+        response = infer(_request(x[i:i + 1], ""), timeout=10)
+        ids[response.id] = int(y[i])
+    assert len(ids) == 40
+    labels = [evaluation_pb2.Label(id=request_id, int_value=label) for request_id, label in ids.items()]
+    for _, attach in stubs:  # each server answers once it has written what it logged
+        attach(evaluation_pb2.AttachLabelsRequest(model_name="cancer", labels=labels[:1]), timeout=30)
+    answer = stubs[0][1](evaluation_pb2.AttachLabelsRequest(model_name="cancer", labels=labels), timeout=30)
+    assert (answer.attached, answer.unknown) == (40, 0), "server a labels what server b logged"
+    done = _hotpath("evaluate", "--model", "cancer", "--store", url, "--last", "1h", "--span", "1h", "--min-labels", "10",
+                    "--json", "-", "--no-report")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (span,) = json.loads(done.stdout[done.stdout.index("{"):])["spans"]
+    assert (span["rows"], span["labelled"]) == (40, 40)
