@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import tritonclient.grpc as grpcclient
 
-import hotpath.serving.model
 from drift_models import make_data, make_model, save_npz
 from hotpath.drift.cli import main
-
-pytestmark = pytest.mark.skipif("DriftRecorder" not in Path(hotpath.serving.model.__file__).read_text(),
-                                reason="needs the drift hook in hotpath/model.py (see README.md, Drift monitoring)")
 
 
 def test_server_records_shifted_traffic_and_the_job_flags_it(tmp_path: Path, start_server, capsys) -> None:
