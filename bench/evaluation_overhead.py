@@ -1,12 +1,11 @@
 """What the prediction log costs: throughput of the medium model at 64 in flight with logging off, at 1% and at 100%.
 
-Starts one hotpath server per setting over the same model (logging to the default Parquet store
-in a scratch folder), then measures them in interleaved rounds, each round starting with the next
-setting, with h2load (the one request of `bench.run`, without `id`, so the server names every logged
-request). Prints each setting's median throughput, its ratio to logging off (the median of the
-ratios within each round, whose runs share the machine's state) and the server's CPU per request.
-The issue's targets: at most 3% lost at 1% and 10% at 100%. Exits 1 when a target is missed, 2 when
-a server failed.
+Serves the model with each setting in turn, one server at a time (servers side by side disturb one
+another), logging to the default Parquet store in a scratch folder, and measures it with h2load (the
+one request of `bench.run`, without `id`, so the server names every logged request), in rounds that
+each start with the next setting. Prints each setting's median throughput, its ratio to logging off
+(the median of the ratios within each round) and the server's CPU per request. The issue's targets:
+at most 3% lost at 1% and 10% at 100%. Exits 1 when a target is missed, 2 when a server failed.
 
     python -m bench.evaluation_overhead                   # 3 rounds of 5 s per setting
     python -m bench.evaluation_overhead --rounds 5 --duration 10
@@ -16,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -67,37 +67,34 @@ def main(argv: list[str] | None = None) -> int:
     body = request.SerializeToString()
     results: dict[str, list[float]] = {name: [] for name in SETTINGS}
     cpu_us: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    logged = {name: 0 for name, rate in SETTINGS.items() if rate is not None}
+    names = list(SETTINGS)
     with tempfile.TemporaryDirectory(prefix="hotpath-bench-evaluation-") as scratch:
-        servers = {}
-        try:
-            for name, rate in SETTINGS.items():
-                root = repository(Path(scratch) / name.strip("%"), rate)
+        for round_number in range(args.rounds):
+            for name in names[round_number % len(names):] + names[:round_number % len(names)]:
+                root = repository(Path(scratch) / f"{name.strip('%')}-{round_number}", SETTINGS[name])
                 port = free_port()
-                servers[name] = start_server(f"hotpath-{name}", server_command("hotpath", root, port), Path(scratch) / f"{name.strip('%')}.log", port).start()
-            with grpc.insecure_channel(servers["off"].target) as channel:
-                response_size = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request).ByteSize()
-            names = list(servers)
-            for round_number in range(args.rounds):
-                for name in names[round_number % len(names):] + names[:round_number % len(names)]:
-                    server = servers[name]
+                server = start_server(f"hotpath-{name}", server_command("hotpath", root, port), Path(scratch) / f"{root.name}.log", port)
+                try:
+                    server.start()
+                    with grpc.insecure_channel(server.target) as channel:
+                        response_size = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request).ByteSize()
                     throughput, cpu = measure(server, body, response_size, args.in_flight, args.duration)
-                    results[name].append(throughput)
-                    cpu_us[name].append(cpu)
-                    print(f"round {round_number + 1}: logging {name:4s} {throughput:9.0f} requests/s, server CPU {cpu:6.1f} us/request",
-                          flush=True)
-        except (RuntimeError, grpc.RpcError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        finally:
-            for server in servers.values():
-                server.stop()
-        logged = {}
-        for name, rate in SETTINGS.items():
-            if rate is not None:
-                store = open_store(default_store_path(Path(scratch) / name.strip("%") / MODEL))
-                logged[name] = store.counts(MODEL)[0]
-                store.close()
-    baseline = statistics.median(results["off"])
+                except (RuntimeError, grpc.RpcError) as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 2
+                finally:
+                    if server.process is not None:
+                        server.stop()
+                results[name].append(throughput)
+                cpu_us[name].append(cpu)
+                if name in logged:
+                    store = open_store(default_store_path(root / MODEL))
+                    logged[name] += store.counts(MODEL)[0]
+                    store.close()
+                shutil.rmtree(root)
+                print(f"round {round_number + 1}: logging {name:4s} {throughput:9.0f} requests/s, server CPU {cpu:6.1f} us/request",
+                      flush=True)
     summary = {"model": MODEL, "in_flight": args.in_flight, "rounds": args.rounds, "duration_s": args.duration,
                "throughput_rps": results, "server_cpu_us_per_request": cpu_us, "logged": logged, "ratios": {}}
     print(f"\nmedian throughput, {MODEL} model at {args.in_flight} in flight, {args.rounds} rounds of {args.duration:g} s:")
