@@ -38,7 +38,7 @@ def open_descriptors(pid: int) -> int:
 
 def _server(repository: Path, log: Path) -> ServerProcess:
     return ServerProcess("hotpath", [sys.executable, "-m", "hotpath.cli", "serve", "--model-repository", str(repository),
-                                     "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"], log).start()
+                                     "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"], log)
 
 
 def _load(server: ServerProcess, model: str, concurrency: int, seconds: float) -> loadgen.LoadResult:

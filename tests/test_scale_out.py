@@ -269,8 +269,12 @@ class Cluster:
     def close(self) -> None:
         for process in [*self.instances.values(), self.nginx, self.haproxy]:
             if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
+                process.terminate()  # nginx's master stops its workers on SIGTERM; SIGKILL would orphan them
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
         for namespace in [f"{self.tag}-lb", *(f"{self.tag}-s{i}" for i in range(1, INSTANCES + 1))]:
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
 
