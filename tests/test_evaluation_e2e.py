@@ -31,8 +31,7 @@ from models import identity_model
 from hotpath._proto import evaluation_pb2, evaluation_pb2_grpc
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import grpc_service_pb2_grpc
-from hotpath.evaluation.log import FLUSH_INTERVAL_S
-from hotpath.evaluation.store import open_store
+from hotpath.evaluation.store import Store, open_store
 
 SPAN_S = 3.0
 """Each burst of traffic gets a span of its own; the bursts take well under a second."""
@@ -184,7 +183,7 @@ def test_logged_predictions_late_labels_and_quality_per_span(tmp_path: Path, sta
     sender.start()
     while len(sent_late) < 50:
         time.sleep(0.01)
-    time.sleep(FLUSH_INTERVAL_S * 3)
+    time.sleep(Store.drain_interval_s * 3)
     server.process.send_signal(signal.SIGKILL)
     server.process.wait()
     sender.join()
@@ -195,7 +194,7 @@ def test_logged_predictions_late_labels_and_quality_per_span(tmp_path: Path, sta
     store = open_store(location)
     logged, labels = store.counts("cancer")
     store.close()
-    # SQL stores commit every FLUSH_INTERVAL_S; the Parquet store writes a segment file every SEGMENT_S, so a kill may lose it.
+    # SQL stores commit every Store.drain_interval_s; the Parquet store writes a segment file every SEGMENT_S, so a kill may lose it.
     written_before = BURSTS * (SINGLE + UNNAMED + 1) + (0 if default_store else 50)
     assert written_before <= logged <= BURSTS * (SINGLE + UNNAMED + 1) + len(sent_late)
     assert labels == len(labelled)

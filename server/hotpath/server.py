@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -79,6 +80,9 @@ class Server:
     async def start(self) -> None:
         """Load the repository's models, then listen."""
         await self.repository.load_all()
+        # What is loaded now (modules, sessions, models) lives as long as the server: the collector need not walk it again.
+        gc.collect()
+        gc.freeze()
         self._set_overall()
         threads = grpc_threads(self.settings)
         self.port = self.frontend.start(threads)

@@ -1,8 +1,8 @@
 """The prediction log: a sampled share of each opted-in model's requests, written to its store off the request path.
 
 The event loop's thread only samples and appends to a bounded deque (a full one drops from the log and
-counts it; inference never waits); one writer thread per model drains it every FLUSH_INTERVAL_S into
-its store (one SQL transaction, or the Parquet store's current segment), and runs label jobs after
+counts it; inference never waits); one writer thread per model drains it into its store every
+`drain_interval_s` of that store (one SQL transaction, or the Parquet store's current segment), and runs label jobs after
 what was queued before them, so a label sent after its response always finds its prediction.
 """
 
@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 10_000
 """Requests waiting for the writer beyond which new ones are dropped from the log, when the config sets none."""
-FLUSH_INTERVAL_S = 0.1
-"""How often the writer drains what the event loop queued."""
 RETENTION_PERIOD_S = 60.0
 """How often the writer applies the age and size limits."""
 OPEN_TIMEOUT_S = 30.0
@@ -82,6 +80,10 @@ class PredictionLog:
         self.limit = config.queue_size or DEFAULT_QUEUE_SIZE
         self.logged = self.dropped = self.failed = 0
         self._pending: deque[tuple] = deque()
+        """(time, request id, model version, inputs, outputs) of each request to write: only atomic values and
+        tuples of arrays, which the garbage collector stops tracking, so a long queue costs it nothing."""
+        self._models: dict[int, Model] = {}
+        """The served model of each version a pending entry names."""
         self._jobs: deque[tuple[Callable[[Store], object], Future]] = deque()
         self._wake = threading.Event()
         self._closing = False
@@ -108,7 +110,8 @@ class PredictionLog:
         request_id = request.id
         if not request_id:
             request_id = response.id = f"{self._id_prefix}-{next(self._ids)}"
-        self._pending.append((time.time(), request_id, model, inputs, outputs))
+        self._models[model.version] = model
+        self._pending.append((time.time(), request_id, model.version, inputs, tuple(outputs)))
 
     def submit(self, job: Callable[[Store], object]) -> Future:
         """Run `job(store)` on the writer thread after everything offered so far is written."""
@@ -134,7 +137,7 @@ class PredictionLog:
         next_retention = 0.0
         try:
             while True:
-                self._wake.wait(FLUSH_INTERVAL_S)
+                self._wake.wait(store.drain_interval_s)
                 self._wake.clear()
                 closing = self._closing
                 self._write(store)
@@ -158,7 +161,10 @@ class PredictionLog:
         if not count:
             return
         try:
-            store.write_requests(self.name, [self._pending.popleft() for _ in range(count)])
+            models = self._models
+            store.write_requests(self.name, [(time_s, request_id, models[version], inputs, outputs)
+                                             for time_s, request_id, version, inputs, outputs in
+                                             (self._pending.popleft() for _ in range(count))])
             self.logged += count
         except Exception:
             self.failed += count

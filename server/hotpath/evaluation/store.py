@@ -146,6 +146,9 @@ class Store:
     Every write commits before it returns, so a killed writer loses at most what it had not yet written.
     """
 
+    drain_interval_s = 0.1
+    """How often the prediction log's writer hands this store what is queued: each hand-off is one transaction."""
+
     def __init__(self, location: str | Path) -> None:
         self.location = str(location)
         self._encoders: weakref.WeakKeyDictionary[Model, TensorEncoder] = weakref.WeakKeyDictionary()
