@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     server.start()
                     with grpc.insecure_channel(server.target) as channel:
-                        response_size = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request).ByteSize()
+                        probe = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+                    probe.ClearField("id")  # a logged request's response carries the id the server gave it; the others none
+                    response_size = probe.ByteSize()
                     throughput, cpu = measure(server, body, response_size, args.in_flight, args.duration)
                 except (RuntimeError, grpc.RpcError) as exc:
                     print(f"error: {exc}", file=sys.stderr)
