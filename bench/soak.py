@@ -41,10 +41,13 @@ def _server(repository: Path, log: Path) -> ServerProcess:
                                      "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"], log)
 
 
-def _load(server: ServerProcess, model: str, concurrency: int, seconds: float) -> loadgen.LoadResult:
+def _bodies(server: ServerProcess, model: str) -> list[bytes]:
+    """1,000 requests of random rows for `model`, built once per server."""
     specs, batched = loadgen.model_inputs(server.target, model)
-    pool = loadgen.input_pool("random", specs, 1000, 0)
-    bodies = loadgen.request_bodies(model, pool, batched)
+    return loadgen.request_bodies(model, loadgen.input_pool("random", specs, 1000, 0), batched)
+
+
+def _load(server: ServerProcess, model: str, bodies: list[bytes], concurrency: int, seconds: float) -> loadgen.LoadResult:
     return loadgen.run_python(server.target, model, bodies, loadgen.input_order("random", len(bodies), len(bodies), 0),
                               "random", concurrency, seconds, server.process.pid)
 
@@ -53,11 +56,12 @@ def soak(scratch: Path, minutes: float, every_s: float) -> dict:
     """RSS and descriptors of a server kept at 64 in flight for `minutes`."""
     repository = write_repository(scratch / "soak", ["medium"])
     with _server(repository, scratch / "soak.log") as server:
-        _load(server, "medium", 64, 5)
+        bodies = _bodies(server, "medium")
+        _load(server, "medium", bodies, 64, 5)
         samples, requests, errors = [], 0, {}
         end = time.monotonic() + minutes * 60
         while time.monotonic() < end:
-            result = _load(server, "medium", 64, every_s)
+            result = _load(server, "medium", bodies, 64, every_s)
             requests += result.requests
             for code, count in result.errors.items():
                 errors[code] = errors.get(code, 0) + count
@@ -76,10 +80,11 @@ def overload(scratch: Path, seconds: float) -> dict:
     config.dynamic_batching.default_queue_policy.max_queue_size = OVERLOAD_QUEUE
     (repository / "large" / "config.pbtxt").write_text(text_format.MessageToString(config))
     with _server(repository, scratch / "overload.log") as server:
-        _load(server, "large", 8, 3)
-        baseline = _load(server, "large", 1, 3)
-        burst = _load(server, "large", OVERLOAD_CALLERS, seconds)
-        after = _load(server, "large", 1, 3)
+        bodies = _bodies(server, "large")
+        _load(server, "large", bodies, 8, 3)
+        baseline = _load(server, "large", bodies, 1, 3)
+        burst = _load(server, "large", bodies, OVERLOAD_CALLERS, seconds)
+        after = _load(server, "large", bodies, 1, 3)
     shed = sum(burst.errors.values())
     return {"callers": OVERLOAD_CALLERS, "max_queue_size": OVERLOAD_QUEUE, "accepted": burst.requests, "errors": burst.errors,
             "shed_share": shed / max(shed + burst.requests, 1), "accepted_latency_ms": burst.latency_ms,
