@@ -29,6 +29,7 @@ class Pending:
     enqueued_ns: int
     deadline_ns: int
     span: Any
+    log_id: str | None
 
 
 class BatchQueue:
@@ -59,7 +60,7 @@ class BatchQueue:
     def rows(self) -> int:
         return sum(p.rows for p in self.items)
 
-    def push(self, future, inputs: tuple, rows: int, key, now_ns: int, deadline_ns: int = 0, span=None) -> None:
+    def push(self, future, inputs: tuple, rows: int, key, now_ns: int, deadline_ns: int = 0, span=None, log_id=None) -> None:
         if len(self.items) >= self.max_queue_size:
             raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
         if self.timeout_ns:
@@ -68,7 +69,7 @@ class BatchQueue:
                 deadline_ns = min(deadline_ns, policy)
             else:
                 deadline_ns = policy
-        self.items.append(Pending(future, inputs, rows, key, now_ns, deadline_ns, span))
+        self.items.append(Pending(future, inputs, rows, key, now_ns, deadline_ns, span, log_id))
 
     def full(self) -> bool:
         return self.max_requests == 1 or self.rows >= self.target

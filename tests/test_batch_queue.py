@@ -246,6 +246,12 @@ class QueueBehaviour:
         self.push(q)
         assert [p.span for p in q.pop_batch(0)] == [span, None]
 
+    def test_a_pending_keeps_the_log_id_it_was_pushed_with(self):
+        q = self.queue()
+        q.push(self.loop.create_future(), (np.zeros((1, 2), np.float32),), 1, None, 0, log_id="req-7")
+        self.push(q)
+        assert [p.log_id for p in q.pop_batch(0)] == ["req-7", None]
+
 
 class TestNativeQueue(QueueBehaviour):
     impl = _batcher

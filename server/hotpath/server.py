@@ -47,7 +47,7 @@ class Server:
         self.repository = ModelRepository(repository_path, settings, self.stats)
         self.cache = ResponseCache(settings.cache_bytes) if settings.cache_bytes else None
         self.evaluation = EvaluationLogs(self.repository)
-        self.dataplane = DataPlane(self.repository, self.cache, self.evaluation.logs)
+        self.dataplane = DataPlane(self.repository, self.cache)
         self.tracing = configure_tracing(settings)
         self.health = Health()
         self.repository.on_change.append(self._on_model_change)

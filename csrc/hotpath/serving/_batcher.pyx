@@ -29,7 +29,8 @@ READY_IDLE = "idle"
 @cython.final
 @cython.freelist(256)
 cdef class Pending:
-    """One queued request: its future, its decoded inputs, when it must have started and its trace span.
+    """One queued request: its future, its decoded inputs, when it must have started, its trace span, and the id
+    the prediction log records it under (None when it is not logged).
 
     Only `BatchQueue.push` makes one (through `Pending.new`); Python code reads its fields.
     """
@@ -41,13 +42,14 @@ cdef class Pending:
     cdef readonly long long enqueued_ns
     cdef readonly long long deadline_ns
     cdef readonly object span
+    cdef readonly object log_id
 
     def __init__(self):
         raise TypeError("Pending is not constructible from Python; BatchQueue.push creates it")
 
     @staticmethod
     cdef Pending new(object future, tuple inputs, Py_ssize_t rows, object key,
-                     long long enqueued_ns, long long deadline_ns, object span):
+                     long long enqueued_ns, long long deadline_ns, object span, object log_id):
         # __new__ skips __init__, which exists only to refuse construction from Python.
         cdef Pending p = Pending.__new__(Pending)
         p.future = future
@@ -57,6 +59,7 @@ cdef class Pending:
         p.enqueued_ns = enqueued_ns
         p.deadline_ns = deadline_ns
         p.span = span
+        p.log_id = log_id
         return p
 
 
@@ -105,12 +108,13 @@ cdef class BatchQueue:
         return self._rows
 
     def push(self, future, tuple inputs, Py_ssize_t rows, key, long long now_ns,
-             long long deadline_ns=0, span=None):
+             long long deadline_ns=0, span=None, log_id=None):
         """Queue a request, or raise QueueFull at once when the queue holds max_queue_size requests.
 
         `deadline_ns` is the caller's own deadline (0: none). A queue policy timeout, when set,
         replaces it; where overrides are allowed, an earlier caller deadline still wins. `span` is
-        the request's trace span when it is sampled, else None.
+        the request's trace span when it is sampled, else None; `log_id` the id the prediction log
+        records it under, else None.
         """
         if len(self._items) >= self.max_queue_size:
             raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
@@ -119,7 +123,7 @@ cdef class BatchQueue:
             deadline_ns = policy_deadline
         elif policy_deadline:
             deadline_ns = min(deadline_ns, policy_deadline)
-        self._items.append(Pending.new(future, inputs, rows, key, now_ns, deadline_ns, span))
+        self._items.append(Pending.new(future, inputs, rows, key, now_ns, deadline_ns, span, log_id))
         self._rows += rows
 
     def ready_in(self, long long now_ns, bint busy=False) -> int:

@@ -1,9 +1,13 @@
 """The prediction log: a sampled share of each opted-in model's requests, written to its store off the request path.
 
-The event loop's thread only samples and appends to a bounded deque (a full one drops from the log and
-counts it; inference never waits); one writer thread per model drains it into its store every
-`drain_interval_s` of that store (one SQL transaction, or the Parquet store's current segment), and runs label jobs after
-what was queued before them, so a label sent after its response always finds its prediction.
+The data plane samples a request and gives it its log id before it is queued. The model logs every batch
+it runs, where it records drift: the thread that ran it copies the logged requests' bytes out of the
+batch's arrays into the log's staging buffers (`staging.py`), or queues the arrays themselves when the
+requests do not stack. Both are bounded: past `queue_size` requests or STAGING_BYTES the log drops and
+counts it, inference never waits. One writer thread per model drains them into its store once the
+store's `drain_rows` requests are waiting or its `drain_interval_s` has passed (one SQL transaction, or
+the Parquet store's current segment), and runs label jobs after what was recorded before them, so a
+label sent after its response always finds its prediction.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import numpy as np
 from hotpath._proto import grpc_service_pb2 as pb
 from hotpath._proto import model_config_pb2
 from hotpath.errors import InferenceError
-from hotpath.evaluation.store import LabelValue, Store, StoreError, default_store_path, open_store
+from hotpath.evaluation.staging import Staging
+from hotpath.evaluation.store import LabelValue, LoggedBatch, Store, StoreError, default_store_path, open_store
 
 if TYPE_CHECKING:
+    from hotpath.serving._batcher import Pending
     from hotpath.serving.model import Model
     from hotpath.serving.repository import ModelRepository
 
@@ -42,6 +48,8 @@ RETENTION_PERIOD_S = 60.0
 """How often the writer applies the age and size limits."""
 OPEN_TIMEOUT_S = 30.0
 """How long a model load waits for its store to open before logging goes without it."""
+STAGING_BYTES = 64 << 20
+"""Most bytes of logged requests waiting for the writer; beyond them new ones are dropped from the log."""
 
 _LIVE: "weakref.WeakSet[PredictionLog]" = weakref.WeakSet()
 
@@ -68,8 +76,9 @@ def store_location(config: model_config_pb2.ModelEvaluationConfig, model_dir: Pa
 class PredictionLog:
     """One model's sampled predictions on their way to its store.
 
-    `offer` runs on the event loop's thread; everything that touches the store runs on the writer
-    thread. `logged`, `dropped` and `failed` only grow (read by the metrics endpoint's thread).
+    `sample` and `record_answer` run on the event loop's thread, `record` wherever the model runs a batch;
+    everything that touches the store runs on the writer thread. `logged`, `dropped` and `failed` only
+    grow (read by the metrics endpoint's thread).
     """
 
     def __init__(self, name: str, config: model_config_pb2.ModelEvaluationConfig, model_dir: Path) -> None:
@@ -79,11 +88,17 @@ class PredictionLog:
         self.location = store_location(config, model_dir)
         self.limit = config.queue_size or DEFAULT_QUEUE_SIZE
         self.logged = self.dropped = self.failed = 0
-        self._pending: deque[tuple] = deque()
-        """(time, request id, model version, inputs, outputs) of each request to write: only atomic values and
-        tuples of arrays, which the garbage collector stops tracking, so a long queue costs it nothing."""
+        self._staging = Staging(STAGING_BYTES)
+        """The logged requests of the batches that stack, copied out of them."""
+        self._pending: deque[LoggedBatch] = deque()
+        """The other batches to write: only atomic values and tuples, which the garbage collector stops tracking."""
+        self._queued = 0
+        """Logged requests waiting for the writer, staged or in `_pending`, which `limit` bounds; changed under `_lock`."""
+        self._lock = threading.Lock()
+        self._drain_rows = self.limit
+        """Queued requests at which the writer is woken; the store's `drain_rows` once it is open."""
         self._models: dict[int, Model] = {}
-        """The served model of each version a pending entry names."""
+        """The served model of each version a pending batch names."""
         self._jobs: deque[tuple[Callable[[Store], object], Future]] = deque()
         self._wake = threading.Event()
         self._closing = False
@@ -99,30 +114,52 @@ class PredictionLog:
             raise StoreError(f"model '{name}': the evaluation store {self.location} did not open within {OPEN_TIMEOUT_S:g} s") from None
         _LIVE.add(self)
 
-    def offer(self, model: Model, request: pb.ModelInferRequest, inputs: Sequence[np.ndarray | None],
-              outputs: Sequence[np.ndarray], response: pb.ModelInferResponse) -> None:
-        """Log this request if sampled; a request without an id gets one, returned in the response's `id`."""
+    def sample(self, request: pb.ModelInferRequest) -> str | None:
+        """The id to log this request under when it is sampled (its own `id`, else a new one the response carries), else None."""
         if self.rate < 1.0 and random.random() >= self.rate:
+            return None
+        return request.id or f"{self._id_prefix}-{next(self._ids)}"
+
+    def record(self, model: Model, batch: Sequence[Pending], inputs: Sequence[np.ndarray | None],
+               outputs: Sequence[np.ndarray]) -> None:
+        """Log the sampled requests of a batch `model` ran: `inputs` and `outputs` are the whole batch's, in config order."""
+        ids = tuple([pending.log_id for pending in batch])
+        if ids.count(None) == len(ids):
             return
-        if len(self._pending) >= self.limit:
-            self.dropped += 1
-            return
-        request_id = request.id
-        if not request_id:
-            request_id = response.id = f"{self._id_prefix}-{next(self._ids)}"
-        self._models[model.version] = model
-        self._pending.append((time.time(), request_id, model.version, inputs, tuple(outputs)))
+        self._enqueue(model, (time.time(), model.version, ids, tuple([pending.rows for pending in batch]), tuple(inputs), tuple(outputs)))
+
+    def record_answer(self, model: Model, log_id: str, inputs: Sequence[np.ndarray | None], rows: int,
+                      outputs: Sequence[np.ndarray | None]) -> None:
+        """Log a sampled request answered without running the model (from the response cache); an output
+        the answer does not carry is None."""
+        self._enqueue(model, (time.time(), model.version, (log_id,), (rows,), tuple(inputs), tuple(outputs)))
+
+    def _enqueue(self, model: Model, entry: LoggedBatch) -> None:
+        count = len(entry[2]) - entry[2].count(None)
+        with self._lock:
+            staged = None if self._closing or self._queued + count > self.limit else self._staging.stage(model, entry)
+            if staged is None:
+                self.dropped += count
+                return
+            if not staged:
+                self._models[model.version] = model
+                self._pending.append(entry)
+            self._queued += count
+            wake = self._queued >= self._drain_rows or self._staging.staged_bytes >= STAGING_BYTES // 2
+        if wake:
+            self._wake.set()
 
     def submit(self, job: Callable[[Store], object]) -> Future:
-        """Run `job(store)` on the writer thread after everything offered so far is written."""
+        """Run `job(store)` on the writer thread after everything recorded so far is written."""
         future: Future = Future()
         self._jobs.append((job, future))
         self._wake.set()
         return future
 
     def close(self) -> None:
-        """Write what is queued, then stop the writer; blocks until it has."""
-        self._closing = True
+        """Write what is queued, then stop the writer; blocks until it has. Batches recorded later are dropped."""
+        with self._lock:
+            self._closing = True
         self._wake.set()
         self._thread.join()
         _LIVE.discard(self)
@@ -133,11 +170,13 @@ class PredictionLog:
         except Exception as exc:
             opened.set_exception(StoreError(f"model '{self.name}': cannot open the evaluation store {self.location}: {exc}"))
             return
+        self._drain_rows = store.drain_rows
         opened.set_result(None)
         next_retention = 0.0
         try:
             while True:
-                self._wake.wait(store.drain_interval_s)
+                if self._queued < self._drain_rows:
+                    self._wake.wait(store.drain_interval_s)
                 self._wake.clear()
                 closing = self._closing
                 self._write(store)
@@ -151,24 +190,30 @@ class PredictionLog:
                 if time.monotonic() >= next_retention:
                     self._retain(store)
                     next_retention = time.monotonic() + RETENTION_PERIOD_S
-                if closing and not self._pending:
+                if closing and not self._queued:
                     return
         finally:
             store.close()
 
     def _write(self, store: Store) -> None:
-        count = len(self._pending)
+        with self._lock:
+            batches, self._pending = self._pending, deque()
+            encoded = self._staging.take()
+            count, self._queued = self._queued, 0
         if not count:
             return
         try:
-            models = self._models
-            store.write_requests(self.name, [(time_s, request_id, models[version], inputs, outputs)
-                                             for time_s, request_id, version, inputs, outputs in
-                                             (self._pending.popleft() for _ in range(count))])
+            if encoded:
+                store.write_encoded(self.name, encoded)
+            if batches:
+                store.write_batches(self.name, batches, self._models)
             self.logged += count
         except Exception:
             self.failed += count
             log.exception("model '%s': %d predictions could not be written to %s", self.name, count, self.location)
+        finally:
+            with self._lock:
+                self._staging.release()
 
     def _flush(self, store: Store, force: bool) -> None:
         try:
@@ -197,10 +242,8 @@ def metric_samples() -> dict[str, list[str]]:
 
 
 class EvaluationLogs:
-    """The prediction log of every served model whose config has `evaluation`, kept in step with the repository.
-
-    `logs` (model name -> log) is the dict the data plane reads per request; it is empty, and costs
-    one truth test, when no model logs. Touched only on the event loop's thread.
+    """The prediction log of every served model whose config has `evaluation`, kept in step with the repository:
+    each served version of such a model gets its log as `Model.prediction_log`. Touched only on the event loop's thread.
     """
 
     def __init__(self, repository: ModelRepository) -> None:
@@ -223,6 +266,8 @@ class EvaluationLogs:
                     log.info("model '%s': logging %g of requests to %s", name, self.logs[name].rate, self.logs[name].location)
             except (ValueError, StoreError) as exc:
                 log.error("model '%s' serves without its prediction log: %s", name, exc)
+        for version in self._repository.versions(name):
+            self._repository.get(name, str(version)).prediction_log = self.logs.get(name)
 
     async def attach(self, name: str, labels: Sequence[tuple[str, int, LabelValue]]) -> list[tuple[str, int]]:
         """Attach labels to `name`'s logged predictions after what is queued is written; returns the unknown (id, row)s."""

@@ -15,8 +15,8 @@ import math
 import sqlite3
 import weakref
 from contextlib import contextmanager
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +52,10 @@ FROM json_each(?2) WHERE true ON CONFLICT DO NOTHING
 """
 
 LabelValue = int | float | str | bool
+LoggedBatch = tuple[float, int, tuple[str | None, ...], tuple[int, ...], tuple[np.ndarray | None, ...], tuple[np.ndarray | None, ...]]
+"""One batch as the prediction log queues it: (time_s, model version, each request's log id (None: not logged),
+each request's rows, the batch's inputs, its outputs), the tensors in config order and, for a batched model,
+the requests' rows one after another; a tensor the batch does not carry is None."""
 
 
 class StoreError(Exception):
@@ -90,19 +94,72 @@ class TensorEncoder:
         self._texts = tuple(i for i, (_, datatype) in enumerate((*self._inputs, *self._outputs)) if datatype == "BYTES")
         self._described: dict[tuple, str] = {}
 
-    def encode(self, inputs: Sequence[np.ndarray | None], outputs: Sequence[np.ndarray]) -> tuple[str, bytes]:
-        """(tensors, data) for one request; an input given as None (an optional input left out) is not stored."""
+    def encode(self, inputs: Sequence[np.ndarray | None], outputs: Sequence[np.ndarray | None]) -> tuple[str, bytes]:
+        """(tensors, data) for one request; a tensor given as None (an optional input left out, an output not
+        returned) is not stored."""
         arrays = (*inputs, *outputs)
         parts = [None if a is None else join_bytes(a.ravel()) if i in self._texts else a.tobytes() for i, a in enumerate(arrays)] \
             if self._texts else [None if a is None else a.tobytes() for a in arrays]
-        key = tuple(None if a is None else (a.shape, len(part)) for a, part in zip(arrays, parts))
+        return self._describe(arrays, [None if part is None else len(part) for part in parts]), \
+            b"".join([part for part in parts if part is not None])
+
+    def describe(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> str:
+        """The `tensors` description of one request whose tensors hold no BYTES, from their shapes alone."""
+        arrays = (*inputs, *outputs)
+        return self._describe(arrays, [a.nbytes for a in arrays])
+
+    def _describe(self, arrays: Sequence[np.ndarray | None], sizes: Sequence[int | None]) -> str:
+        key = tuple(None if a is None else (a.shape, size) for a, size in zip(arrays, sizes))
         described = self._described.get(key)
         if described is None:
             roles = [("input", spec) for spec in self._inputs] + [("output", spec) for spec in self._outputs]
             described = json.dumps([[name, role, datatype, list(k[0]), k[1]] for (role, (name, datatype)), k in zip(roles, key)
                                     if k is not None], separators=(",", ":"))
             self._described[key] = described
-        return described, b"".join([part for part in parts if part is not None])
+        return described
+
+
+_ENCODERS: weakref.WeakKeyDictionary[Model, TensorEncoder] = weakref.WeakKeyDictionary()
+
+
+def encoder_of(model: Model) -> TensorEncoder:
+    """The tensor encoder of one served model version, made once."""
+    encoder = _ENCODERS.get(model)
+    if encoder is None:
+        encoder = _ENCODERS[model] = TensorEncoder([(s.name, s.datatype.name) for s in model.inputs],
+                                                   [(s.name, s.datatype.name) for s in model.outputs])
+    return encoder
+
+
+@dataclass
+class EncodedRequests:
+    """Logged requests of one model version and shape, encoded: `data` is a (request, byte) matrix whose rows
+    are their `data` blobs; `times` holds (time_s, requests) of each batch they came in, in order."""
+
+    version: int
+    rows: int
+    described: str
+    data: np.ndarray
+    ids: list[str] = field(default_factory=list)
+    times: list[tuple[float, int]] = field(default_factory=list)
+
+    def each_time(self) -> np.ndarray:
+        """The time of each request."""
+        return np.repeat([time_s for time_s, _ in self.times], [count for _, count in self.times])
+
+
+def logged_requests(batch: LoggedBatch, batched: bool) -> Iterator[tuple[str, int, list, list]]:
+    """(log id, rows, inputs, outputs) of each logged request of a batch, its tensors sliced from the batch's."""
+    _, _, ids, rows, inputs, outputs = batch
+    start = 0
+    for log_id, count in zip(ids, rows):
+        if log_id is not None:
+            if batched:
+                yield (log_id, count, [None if a is None else a[start:start + count] for a in inputs],
+                       [None if a is None else a[start:start + count] for a in outputs])
+            else:
+                yield log_id, count, list(inputs), list(outputs)
+        start += count
 
 
 def decode_tensors(tensors: str, data: bytes) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -148,10 +205,11 @@ class Store:
 
     drain_interval_s = 0.1
     """How often the prediction log's writer hands this store what is queued: each hand-off is one transaction."""
+    drain_rows = 4096
+    """Queued requests at which the writer hands them over before `drain_interval_s` has passed."""
 
     def __init__(self, location: str | Path) -> None:
         self.location = str(location)
-        self._encoders: weakref.WeakKeyDictionary[Model, TensorEncoder] = weakref.WeakKeyDictionary()
         self.postgres = self.location.startswith(POSTGRES_SCHEMES)
         if self.postgres:
             try:
@@ -194,21 +252,21 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def encoder(self, model: Model) -> TensorEncoder:
-        """The tensor encoder of one served model version, made once."""
-        encoder = self._encoders.get(model)
-        if encoder is None:
-            encoder = self._encoders[model] = TensorEncoder([(s.name, s.datatype.name) for s in model.inputs],
-                                                            [(s.name, s.datatype.name) for s in model.outputs])
-        return encoder
-
-    def write_requests(self, name: str, requests: Sequence[tuple[float, str, Model, Sequence[np.ndarray | None], Sequence[np.ndarray]]]) -> None:
-        """Store logged requests of model `name`, each (time_s, request id, model version, inputs, outputs)."""
+    def write_batches(self, name: str, batches: Iterable[LoggedBatch], models: Mapping[int, Model]) -> None:
+        """Store the logged requests of model `name`'s batches; `models` holds the served model of each version they name."""
         records = []
-        for time_s, request_id, model, inputs, outputs in requests:
-            tensors, data = self.encoder(model).encode(inputs, outputs)
-            records.append((name, request_id, model.version, time_s, len(outputs[0]) if model.batched and outputs else 1, tensors, data))
+        for batch in batches:
+            model = models[batch[1]]
+            encoder = encoder_of(model)
+            for log_id, rows, inputs, outputs in logged_requests(batch, model.batched):
+                tensors, data = encoder.encode(inputs, outputs)
+                records.append((name, log_id, model.version, batch[0], rows, tensors, data))
         self.write_predictions(records)
+
+    def write_encoded(self, name: str, encoded: Iterable[EncodedRequests]) -> None:
+        """Store requests of model `name` that the log encoded as they were staged."""
+        self.write_predictions((name, log_id, run.version, time_s, run.rows, run.described, row.tobytes())
+                               for run in encoded for log_id, time_s, row in zip(run.ids, run.each_time(), run.data))
 
     def write_predictions(self, rows: Iterable[tuple[str, str, int, float, int, str, bytes]]) -> None:
         """Store (model, request id, version, time_s, rows, tensors, data) records in one transaction; an id

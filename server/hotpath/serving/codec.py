@@ -183,3 +183,18 @@ class ModelCodec:
             else:
                 response.raw_output_contents.append(np.ascontiguousarray(array, spec.datatype.dtype).tobytes())
         return response
+
+    def outputs_of(self, response: pb.ModelInferResponse) -> list[np.ndarray | None]:
+        """The outputs a response of this model carries, in config order (one it does not carry is None):
+        the inverse of `encode`, for responses the cache answered."""
+        arrays: list[np.ndarray | None] = [None] * len(self.outputs)
+        for tensor, raw in zip(response.outputs, response.raw_output_contents):
+            position, spec = self.outputs[tensor.name]
+            shape = tuple(tensor.shape)
+            if spec.datatype.name == "BYTES":
+                array = np.empty(math.prod(shape), dtype=object)
+                array[:] = split_bytes(raw, len(array))
+                arrays[position] = array.reshape(shape)
+            else:
+                arrays[position] = np.frombuffer(raw, spec.datatype.dtype).reshape(shape)
+        return arrays

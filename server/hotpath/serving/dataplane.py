@@ -6,8 +6,7 @@ The gRPC servicer converts nothing and decides nothing; it calls one method here
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from opentelemetry.trace import Span
 
@@ -22,9 +21,6 @@ from hotpath.serving.cache import ResponseCache, request_key
 from hotpath.serving.model import Model
 from hotpath.serving.repository import ModelRepository, check_model_name
 
-if TYPE_CHECKING:
-    from hotpath.evaluation.log import PredictionLog
-
 EXTENSIONS = ("model_repository", "statistics", "model_configuration", "schedule_policy")
 """The protocol extensions ServerMetadata reports."""
 
@@ -35,12 +31,9 @@ STREAM_ENVELOPE_BYTES = 6
 class DataPlane:
     """What the server does, independent of how requests arrive."""
 
-    def __init__(self, repository: ModelRepository, cache: ResponseCache | None = None,
-                 prediction_logs: Mapping[str, PredictionLog] | None = None) -> None:
-        """`prediction_logs` (model name -> log, kept current by its owner) receives each logged model's requests."""
+    def __init__(self, repository: ModelRepository, cache: ResponseCache | None = None) -> None:
         self.repository = repository
         self.cache = cache
-        self._prediction_logs = prediction_logs if prediction_logs is not None else {}
         self._message_limit = repository.settings.max_message_bytes
         repository.on_change.append(self._on_model_change)
 
@@ -72,6 +65,9 @@ class DataPlane:
         if span is not None:
             span.set_attributes({"hotpath.model.name": model.name, "hotpath.model.version": model.version})
         codec = model.codec
+        prediction_log = model.prediction_log
+        log_id = prediction_log.sample(request) if prediction_log is not None else None
+        response_id = request.id if log_id is None else log_id
         try:
             inputs, rows, batch_key = codec.decode(request)
             chosen = codec.requested(request)
@@ -84,14 +80,16 @@ class DataPlane:
                     telemetry.record_step(span, "hotpath.cache.lookup", lookup_start_ns, {"hotpath.cache.hit": body is not None})
                 if body is not None:
                     response = pb.ModelInferResponse.FromString(body)
-                    response.id = request.id
+                    response.id = response_id
                     model.stats.add("cache_hit", time.monotonic_ns() - lookup_start_ns)
                     model.stats.request_done(True, time.monotonic_ns() - start, rows)
+                    if log_id is not None:
+                        prediction_log.record_answer(model, log_id, inputs, rows, codec.outputs_of(response))
                     return response
                 lookup_ns = time.monotonic_ns() - lookup_start_ns
-            outputs = await model.infer(inputs, rows, batch_key, deadline_ns, span)
+            outputs = await model.infer(inputs, rows, batch_key, deadline_ns, span, log_id)
             encoding = time.monotonic_ns()
-            response = codec.encode(request.id, outputs, chosen)
+            response = codec.encode(response_id, outputs, chosen)
             if span is not None:
                 telemetry.record_step(span, "hotpath.response.encode", encoding)
             size = response.ByteSize() + STREAM_ENVELOPE_BYTES
@@ -102,10 +100,8 @@ class DataPlane:
                 insert = time.monotonic_ns()
                 response.id = ""
                 self.cache.put(model.name, cache_key, response.SerializeToString())
-                response.id = request.id
+                response.id = response_id
                 model.stats.add("cache_miss", lookup_ns + time.monotonic_ns() - insert)
-            if self._prediction_logs and (prediction_log := self._prediction_logs.get(model.name)) is not None:
-                prediction_log.offer(model, request, inputs, outputs, response)
         except InferenceError as exc:
             model.stats.request_done(False, time.monotonic_ns() - start, 0, exc.code)
             raise

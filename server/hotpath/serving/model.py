@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument as OrtInvalidArgument, RuntimeException
@@ -35,6 +36,9 @@ from hotpath.serving.config import BATCH_POLICY_WORK_CONSERVING, TensorSpec, bat
 from hotpath.serving.replicas import Replica, ReplicaPlan, pinned_cores, plan_replicas
 from hotpath.serving.sessions import choose_execution, create_session
 from hotpath.settings import Settings
+
+if TYPE_CHECKING:
+    from hotpath.evaluation.log import PredictionLog
 
 log = logging.getLogger(__name__)
 _failures = ThrottledLog(log)
@@ -106,6 +110,8 @@ class Model:
                     name, version, path.parent.parent, config.drift, self.inputs, self.outputs)
             except DriftError as exc:
                 raise LoadError(f"model '{name}' version {version}: {exc}") from None
+        self.prediction_log: PredictionLog | None = None
+        """Where this model's sampled requests are logged, when its config has `evaluation`; set by the log's owner."""
 
     @classmethod
     def load(cls, name: str, version: int, path: Path, config: model_config_pb2.ModelConfig, settings: Settings,
@@ -131,17 +137,17 @@ class Model:
         return cls(name, version, path, config, replicas, plan, store.create(name, version, config.max_batch_size))
 
     async def infer(self, inputs: tuple[np.ndarray, ...], rows: int, key: object, deadline_ns: int = 0,
-                    span: Span | None = None) -> list[np.ndarray]:
+                    span: Span | None = None, log_id: str | None = None) -> list[np.ndarray]:
         """Queue one request's inputs (in config order) and return its rows of every output.
 
         `key` is the batching key (requests batch together only when theirs are equal); `span` is the
-        request's trace span when it is sampled.
+        request's trace span when it is sampled; `log_id` the id its batch logs it under, when it is logged.
         """
         if self._closing:
             raise ModelUnavailable(f"model '{self.name}' version {self.version} is unloading")
         loop = self._loop or self._start(asyncio.get_running_loop())
         future = loop.create_future()
-        self._queue.push(future, inputs, rows, key, time.monotonic_ns(), deadline_ns, span)
+        self._queue.push(future, inputs, rows, key, time.monotonic_ns(), deadline_ns, span, log_id)
         self.stats.set_load(len(self._queue), self._running)
         if self._idle and not self._dispatch_scheduled:
             # Not at once: the front end pushes a burst in one loop pass, and all of it should join the batch.
@@ -253,6 +259,8 @@ class Model:
                     raise ModelOutputError(f"output '{name}' has shape {list(out.shape)}, expected first dim {rows} (the batch's rows)")
         if self.drift is not None:
             self.drift.record(feeds, dict(zip(self._output_names, outputs)))
+        if self.prediction_log is not None:
+            self.prediction_log.record(self, batch, tuple(feeds.values()), outputs)
         return outputs, ready - start, infer_ns
 
     def _isolate(self, replica: Replica, batch: list) -> tuple[list[tuple[list, list[np.ndarray] | Exception]], int, int]:
