@@ -40,11 +40,15 @@ REQUEST = load.infer_request(MODEL, load.input_rows("fixed", MODELS[MODEL].in_fe
 
 
 def repository(root: Path, rate: float | None) -> Path:
-    """A repository holding the medium bench model, logging `rate` of its requests (None: not at all)."""
+    """A repository holding the medium bench model, logging `rate` of its requests (None: not at all).
+
+    The model runs inline in every server: left to choose at start, a server timing its warm-up on a
+    busy moment would run on a replica thread instead, a fifth slower, and void the comparison.
+    """
     write_repository(root, [MODEL])
-    if rate is not None:
-        config = root / MODEL / "config.pbtxt"
-        config.write_text(config.read_text() + f"evaluation {{ sample_rate: {rate} }}\n")
+    config = root / MODEL / "config.pbtxt"
+    evaluation = "" if rate is None else f"evaluation {{ sample_rate: {rate} }}\n"
+    config.write_text(config.read_text() + 'parameters { key: "execution" value { string_value: "inline" } }\n' + evaluation)
     return root
 
 
