@@ -194,7 +194,7 @@ def test_logged_predictions_late_labels_and_quality_per_span(tmp_path: Path, sta
     store = open_store(location)
     logged, labels = store.counts("cancer")
     store.close()
-    # SQL stores commit every Store.drain_interval_s; the Parquet store writes a segment file every SEGMENT_S, so a kill may lose it.
+    # SQL stores commit every Store.drain_interval_s; the Parquet store writes a segment file every SEGMENT_S, so a kill may lose one.
     written_before = BURSTS * (SINGLE + UNNAMED + 1) + (0 if default_store else 50)
     assert written_before <= logged <= BURSTS * (SINGLE + UNNAMED + 1) + len(sent_late)
     assert labels == len(labelled)

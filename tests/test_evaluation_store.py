@@ -79,6 +79,8 @@ def test_accuracy_per_day_matches_sklearn_and_a_flipped_day_alerts(store_locatio
             records.append(_classifier_record(request_id, NOW - 7 * DAY + day * DAY + i * 60, probs, version=1 + (day >= 5)))
             predicted[request_id] = int(p > 0.5)
             truth[request_id] = predicted[request_id] if rng.uniform() < 0.85 else 1 - predicted[request_id]
+    tensors, data = encode_tensors([("x", "FP32", np.full((1, 2), 0.5, np.float32))], [("label", "INT64", np.array([1]))])
+    records.append(("m", "cached-label-only", 2, NOW - 1, 1, tensors, data))
     store.write_predictions(records)
     store.flush(force=True)
     for request_id in truth:
@@ -150,3 +152,48 @@ def test_suggestions_take_turns_between_uncertain_predictions_and_drifted_region
     assert [reason for _, _, reason, _ in picks] == ["margin", "drift"] * 3
     assert picks[0][0] == "r7"
     assert {request_id for request_id, _, reason, _ in picks if reason == "drift"} <= {"r3", "r23", "r33", "r43", "r53"}
+
+
+def test_parquet_labels_read_only_the_row_groups_that_may_hold_their_ids(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet", reason="pip install pyarrow for the default Parquet store")
+    from hotpath.evaluation.parquet import ROW_GROUP_ROWS, ParquetStore
+
+    store = open_store(tmp_path / "store")
+    assert isinstance(store, ParquetStore)
+    per_segment = 3 * ROW_GROUP_ROWS
+    for segment in range(3):
+        store.write_predictions([_classifier_record(f"p-{10_000 + segment * per_segment + i}", NOW + segment, np.array([[0.5, 0.5]], np.float32))
+                                 for i in range(per_segment)])
+        store.flush(force=True)
+    wanted = ["p-10005", f"p-{10_000 + per_segment + ROW_GROUP_ROWS + 7}", f"p-{10_000 + 3 * per_segment - 1}"]
+    chosen = [ParquetStore._groups_holding(pq.ParquetFile(path).metadata, sorted(wanted)) for _, _, path in store._files("m")]
+    assert chosen == [[0], [1], [2]]
+    unknown = store.attach_labels("m", [(request_id, 0, 1) for request_id in wanted] + [("p-9", 0, 1), ("p-10005", 1, 0)], NOW)
+    assert unknown == [("p-9", 0), ("p-10005", 1)]
+    assert store.counts("m") == (3 * per_segment, 3)
+    store.close()
+
+
+def test_parquet_small_segments_merge_and_a_killed_merge_is_finished(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow", reason="pip install pyarrow for the default Parquet store")
+    store = open_store(tmp_path / "store")
+    for segment in range(5):
+        store.write_predictions([_classifier_record(f"s{segment}-{i}", NOW + segment * 60 + i, np.array([[0.2, 0.8]], np.float32))
+                                 for i in range(3)])
+        store.flush(force=True)
+    store.attach_labels("m", [("s0-0", 0, 1), ("s4-2", 0, 0)], NOW)
+    before = [(p.request_id, p.time_s, p.labels) for p in store.predictions("m")]
+    originals = {path.name: path.read_bytes() for _, _, path in store._files("m")}
+    assert len(originals) == 5
+
+    assert store.compact("m") == 5
+    assert len(store._files("m")) == 1 and store.compact("m") == 0
+    assert [(p.request_id, p.time_s, p.labels) for p in store.predictions("m")] == before
+
+    name, data = next(iter(originals.items()))
+    (tmp_path / "store" / "m" / name).write_bytes(data)
+    assert store.counts("m") == (15, 2), "a file a killed merge left behind is read once"
+    store.compact("m")
+    assert not (tmp_path / "store" / "m" / name).exists() and len(store._files("m")) == 1
+    assert store.attach_labels("m", [("s2-1", 0, 1)], NOW) == []
+    store.close()

@@ -47,6 +47,16 @@ class Outputs:
     probabilities: str | None
 
 
+def fullest(predictions: list[Prediction]) -> Prediction:
+    """The latest of the logged predictions that carry the most outputs (a cached answer may carry only those asked for)."""
+    return max(reversed(predictions), key=lambda prediction: len(prediction.outputs))
+
+
+def carries(prediction: Prediction, outputs: Outputs) -> bool:
+    """Whether a logged prediction holds the outputs its quality is computed from."""
+    return all(name is None or name in prediction.outputs for name in (outputs.prediction, outputs.probabilities))
+
+
 def choose_outputs(config: model_config_pb2.ModelEvaluationConfig, sample: Prediction) -> Outputs:
     """The outputs named in `config`, else chosen by type from a logged prediction: an integer, bool or BYTES
     output is the predicted class, a float output with several values per row holds probabilities, a float
@@ -184,7 +194,8 @@ def evaluate(store: Store, model: str, config: model_config_pb2.ModelEvaluationC
     predictions = list(store.predictions(model, since, max(until_s, reference[1]) if reference else until_s))
     if not predictions:
         raise EvaluationError(f"no logged predictions of model '{model}' in {store.location} between {utc_iso(since)} and {utc_iso(until_s)}")
-    outputs = choose_outputs(config, predictions[-1])
+    outputs = choose_outputs(config, fullest(predictions))
+    predictions = [prediction for prediction in predictions if carries(prediction, outputs)]
     grouped: dict[tuple[int, int], Rows] = {}
     reference_rows = Rows()
     ref_start, ref_end = reference or bounds[0]
@@ -261,7 +272,8 @@ def suggest(store: Store, model: str, config: model_config_pb2.ModelEvaluationCo
     predictions = list(store.predictions(model, since_s, until_s))
     if not predictions:
         return []
-    outputs = choose_outputs(config, predictions[-1])
+    outputs = choose_outputs(config, fullest(predictions))
+    predictions = [prediction for prediction in predictions if carries(prediction, outputs)]
     if outputs.probabilities is None and reference is None:
         raise EvaluationError(f"model '{model}' logs no probability output to rank by and has no drift reference; "
                               "set evaluation.probability_output or build one with `hotpath reference`")

@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 10_000
 """Requests waiting for the writer beyond which new ones are dropped from the log, when the config sets none."""
-RETENTION_PERIOD_S = 60.0
-"""How often the writer applies the age and size limits."""
+MAINTENANCE_PERIOD_S = 60.0
+"""How often the writer merges the store's small pieces and applies the age and size limits."""
 OPEN_TIMEOUT_S = 30.0
 """How long a model load waits for its store to open before logging goes without it."""
 STAGING_BYTES = 64 << 20
@@ -172,7 +172,7 @@ class PredictionLog:
             return
         self._drain_rows = store.drain_rows
         opened.set_result(None)
-        next_retention = 0.0
+        next_maintenance = 0.0
         try:
             while True:
                 if self._queued < self._drain_rows:
@@ -187,9 +187,9 @@ class PredictionLog:
                         future.set_result(job(store))
                     except Exception as exc:
                         future.set_exception(exc)
-                if time.monotonic() >= next_retention:
-                    self._retain(store)
-                    next_retention = time.monotonic() + RETENTION_PERIOD_S
+                if time.monotonic() >= next_maintenance:
+                    self._maintain(store)
+                    next_maintenance = time.monotonic() + MAINTENANCE_PERIOD_S
                 if closing and not self._queued:
                     return
         finally:
@@ -221,13 +221,13 @@ class PredictionLog:
         except Exception:
             log.exception("model '%s': buffered predictions could not be written to %s", self.name, self.location)
 
-    def _retain(self, store: Store) -> None:
-        if not (self.config.max_age_seconds or self.config.max_size_bytes):
-            return
+    def _maintain(self, store: Store) -> None:
         try:
-            store.retain(self.name, time.time(), self.config.max_age_seconds, self.config.max_size_bytes)
+            store.compact(self.name)
+            if self.config.max_age_seconds or self.config.max_size_bytes:
+                store.retain(self.name, time.time(), self.config.max_age_seconds, self.config.max_size_bytes)
         except Exception:
-            log.exception("model '%s': retention on %s failed", self.name, self.location)
+            log.exception("model '%s': maintenance of %s failed", self.name, self.location)
 
 
 def metric_samples() -> dict[str, list[str]]:

@@ -4,13 +4,16 @@ labels in a SQLite file beside them.
 Layout: `<dir>/<model>/<first ns>-<last ns>-<token>.parquet`, one file per segment (every
 SEGMENT_S, or sooner once SEGMENT_BYTES are buffered), each written whole under `.partial/` and
 renamed into place, so a killed server leaves only complete files and loses at most the segment it
-was buffering. Columns: model, request_id, version, time_s, batch_rows, tensors, data (as in
+was buffering; the writer merges small files every minute (`compact`). Columns: model, request_id, version, time_s, batch_rows, tensors, data (as in
 `store.py`); a request id logged twice counts once, its first record. Retention deletes whole files,
-oldest first. Labels: `<dir>/labels.sqlite`.
+oldest first. Labels: `<dir>/labels.sqlite`; attaching them reads only the row groups of ROW_GROUP_ROWS
+whose id range may hold a labelled id (ids the server gives count up, so theirs rarely overlap).
 """
 
 from __future__ import annotations
 
+import bisect
+import json
 import math
 import os
 import secrets
@@ -23,8 +26,14 @@ import numpy as np
 
 from hotpath.evaluation.store import EncodedRequests, Store, StoreError
 
-SEGMENT_S = 60.0
-"""Longest a prediction waits in memory before its segment file is written."""
+SEGMENT_S = 10.0
+"""Longest a prediction waits in memory before its segment file is written (what a killed server can lose)."""
+MERGE_BELOW_BYTES = 16 << 20
+"""Segment files smaller than this are merged by `compact`, so a light log does not become thousands of files."""
+MERGED_MARK = "m"
+"""Starts the token of a merged file's name."""
+REPLACES_KEY = b"hotpath.replaces"
+"""The merged file's metadata key that lists the files it replaces."""
 SEGMENT_BYTES = 32 << 20
 """Tensor bytes at which a segment is written early."""
 ROW_GROUP_ROWS = 4096
@@ -154,23 +163,79 @@ class ParquetStore(Store):
             parts.setdefault(run.key[0], []).append(self._run_records(run))
         self._encoded, self._runs, self._arena_used, self._buffered_bytes, self._buffer_since = {}, [], 0, 0, None
         for model, records in parts.items():
-            table = self.pa.Table.from_batches(records, schema=self.schema)
-            low, high = self.pa.compute.min_max(table["time_s"]).values()
-            folder = self.directory / model
-            partial = folder / PARTIAL_DIR
-            partial.mkdir(parents=True, exist_ok=True)
-            name = f"{math.floor(low.as_py() * 1e9):020d}-{math.ceil(high.as_py() * 1e9):020d}-{secrets.token_hex(4)}.parquet"
-            self.pa.parquet.write_table(table, partial / name, compression="none", row_group_size=ROW_GROUP_ROWS)
-            os.replace(partial / name, folder / name)
+            self._write_segment(model, self.pa.Table.from_batches(records, schema=self.schema))
+
+    def _write_segment(self, model: str, table, mark: str = "") -> None:
+        """Write `table` as one of `model`'s segment files: whole under `.partial/`, then renamed into place."""
+        low, high = self.pa.compute.min_max(table["time_s"]).values()
+        folder = self.directory / model
+        partial = folder / PARTIAL_DIR
+        partial.mkdir(parents=True, exist_ok=True)
+        name = f"{math.floor(low.as_py() * 1e9):020d}-{math.ceil(high.as_py() * 1e9):020d}-{mark}{secrets.token_hex(4)}.parquet"
+        self.pa.parquet.write_table(table, partial / name, compression="none", row_group_size=ROW_GROUP_ROWS)
+        os.replace(partial / name, folder / name)
 
     def _rows_of(self, cursor, model: str, ids: list[str]) -> dict[str, int]:
-        wanted = self.pa.array(ids, self.pa.string())
+        """Rows of each of `ids` that `model` logged, reading only the row groups whose id range holds one of them."""
+        wanted = sorted(ids)
+        value_set = self.pa.array(wanted, self.pa.string())
         known = {}
         for _, _, path in self._files(model):
-            table = self.pa.parquet.read_table(path, columns=["request_id", "batch_rows"])
-            hits = table.filter(self.pa.compute.is_in(table["request_id"], value_set=wanted))
+            with self.pa.parquet.ParquetFile(path) as segment:
+                groups = self._groups_holding(segment.metadata, wanted)
+                if not groups:
+                    continue
+                table = segment.read_row_groups(groups, columns=["request_id", "batch_rows"])
+            hits = table.filter(self.pa.compute.is_in(table["request_id"], value_set=value_set))
             known.update(zip(hits["request_id"].to_pylist(), hits["batch_rows"].to_pylist()))
         return known
+
+    @staticmethod
+    def _groups_holding(metadata, wanted: list[str]) -> list[int]:
+        """The row groups whose request id statistics (min and max) leave room for one of `wanted` (sorted)."""
+        column = COLUMNS.index("request_id")
+        groups = []
+        for index in range(metadata.num_row_groups):
+            statistics = metadata.row_group(index).column(column).statistics
+            if statistics is None or not statistics.has_min_max:
+                groups.append(index)
+                continue
+            first = bisect.bisect_left(wanted, statistics.min)
+            if first < len(wanted) and wanted[first] <= statistics.max:
+                groups.append(index)
+        return groups
+
+    def compact(self, model: str) -> int:
+        """Merge `model`'s segment files under MERGE_BELOW_BYTES, oldest first, into files of up to SEGMENT_BYTES;
+        returns the files merged away. A merged file names the files it replaces in its metadata, and those a
+        killed merge left behind are deleted first: until then their predictions are read twice, and counted once."""
+        files = self._files(model)
+        for _, _, path in files:
+            if MERGED_MARK in path.stem.split("-", 2)[2]:
+                replaced = json.loads(self.pa.parquet.read_metadata(path).metadata.get(REPLACES_KEY, b"[]"))
+                for name in replaced:
+                    (path.parent / name).unlink(missing_ok=True)
+        groups, group, size = [], [], 0
+        for _, _, path in self._files(model):
+            length = path.stat().st_size
+            if length >= MERGE_BELOW_BYTES or size + length > SEGMENT_BYTES:
+                groups.append(group)
+                group, size = [], 0
+            if length < MERGE_BELOW_BYTES:
+                group.append(path)
+                size += length
+        groups.append(group)
+        merged = 0
+        for group in groups:
+            if len(group) < 2:
+                continue
+            table = self.pa.concat_tables([self.pa.parquet.read_table(path) for path in group])
+            self._write_segment(model, table.replace_schema_metadata({REPLACES_KEY: json.dumps([path.name for path in group])}),
+                                MERGED_MARK)
+            for path in group:
+                path.unlink()
+            merged += len(group)
+        return merged
 
     def retain(self, model: str, now_s: float, max_age_s: float = 0, max_size_bytes: int = 0) -> int:
         """Delete `model`'s segment files wholly older than `max_age_s` and, beyond `max_size_bytes` of files,

@@ -318,6 +318,10 @@ class Store:
     def flush(self, force: bool = False) -> None:
         """Write what `write_predictions` buffered when it is due (or now, with `force`); SQL stores buffer nothing."""
 
+    def compact(self, model: str) -> int:
+        """Merge what the store keeps in many small pieces; returns the pieces merged away (SQL stores keep none)."""
+        return 0
+
     def retain(self, model: str, now_s: float, max_age_s: float = 0, max_size_bytes: int = 0) -> int:
         """Delete `model`'s predictions older than `max_age_s` and, beyond `max_size_bytes` of stored tensor
         bytes, the oldest; their labels go with them. Returns the predictions deleted."""
