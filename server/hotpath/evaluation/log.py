@@ -34,6 +34,7 @@ from hotpath._proto import model_config_pb2
 from hotpath.errors import InferenceError
 from hotpath.evaluation.staging import Staging
 from hotpath.evaluation.store import LabelValue, LoggedBatch, Store, StoreError, default_store_path, open_store
+from hotpath.observability.logs import ThrottledLog
 
 if TYPE_CHECKING:
     from hotpath.serving._batcher import Pending
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from hotpath.serving.repository import ModelRepository
 
 log = logging.getLogger(__name__)
+_failures = ThrottledLog(log)
 
 DEFAULT_QUEUE_SIZE = 10_000
 """Requests waiting for the writer beyond which new ones are dropped from the log, when the config sets none."""
@@ -136,6 +138,14 @@ class PredictionLog:
 
     def _enqueue(self, model: Model, entry: LoggedBatch) -> None:
         count = len(entry[2]) - entry[2].count(None)
+        try:
+            self._stage(model, entry, count)
+        except Exception as exc:
+            self.failed += count
+            _failures.log(logging.ERROR, self.name, "model '%s': %d predictions could not be logged", self.name, count, exc_info=exc)
+
+    def _stage(self, model: Model, entry: LoggedBatch, count: int) -> None:
+        """Stage or queue one batch for the writer; whatever goes wrong here must not fail the batch's requests."""
         with self._lock:
             staged = None if self._closing or self._queued + count > self.limit else self._staging.stage(model, entry)
             if staged is None:
