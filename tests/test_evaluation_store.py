@@ -197,3 +197,19 @@ def test_parquet_small_segments_merge_and_a_killed_merge_is_finished(tmp_path: P
     assert not (tmp_path / "store" / "m" / name).exists() and len(store._files("m")) == 1
     assert store.attach_labels("m", [("s2-1", 0, 1)], NOW) == []
     store.close()
+
+
+def test_parquet_full_segments_are_not_merged_however_small_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("pyarrow", reason="pip install pyarrow for the default Parquet store")
+    from hotpath.evaluation import parquet
+
+    store = open_store(tmp_path / "store")
+    tensors, data = encode_tensors([("x", "FP32", np.full((1, 256), 0.5, np.float32))], [("y", "FP32", np.ones((1, 1), np.float32))])
+    for segment in range(3):
+        store.write_predictions([("m", f"s{segment}-{i}", 1, NOW + segment, 1, tensors, data) for i in range(2000)])
+        store.flush(force=True)
+    files = [path for _, _, path in store._files("m")]
+    monkeypatch.setattr(parquet, "MERGE_BELOW_BYTES", 2000 * len(data) // 2)
+    assert all(path.stat().st_size < parquet.MERGE_BELOW_BYTES for path in files), "repeated inputs are dictionary-encoded on disk"
+    assert store.compact("m") == 0 and [path for _, _, path in store._files("m")] == files
+    store.close()

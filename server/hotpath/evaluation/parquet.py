@@ -29,11 +29,15 @@ from hotpath.evaluation.store import EncodedRequests, Store, StoreError
 SEGMENT_S = 10.0
 """Longest a prediction waits in memory before its segment file is written (what a killed server can lose)."""
 MERGE_BELOW_BYTES = 16 << 20
-"""Segment files smaller than this are merged by `compact`, so a light log does not become thousands of files."""
+"""Segment files holding less data than this are merged by `compact`, so a light log does not become thousands
+of files; a busy log's segments are full (SEGMENT_BYTES) and never rewritten."""
 MERGED_MARK = "m"
 """Starts the token of a merged file's name."""
 REPLACES_KEY = b"hotpath.replaces"
 """The merged file's metadata key that lists the files it replaces."""
+DATA_BYTES_KEY = b"hotpath.data_bytes"
+"""The metadata key holding a file's tensor bytes as read back (its size on disk can be far smaller: Parquet
+dictionary-encodes repeated inputs)."""
 SEGMENT_BYTES = 32 << 20
 """Tensor bytes at which a segment is written early."""
 ROW_GROUP_ROWS = 4096
@@ -165,8 +169,11 @@ class ParquetStore(Store):
         for model, records in parts.items():
             self._write_segment(model, self.pa.Table.from_batches(records, schema=self.schema))
 
-    def _write_segment(self, model: str, table, mark: str = "") -> None:
-        """Write `table` as one of `model`'s segment files: whole under `.partial/`, then renamed into place."""
+    def _write_segment(self, model: str, table, metadata: dict[bytes, str] | None = None, mark: str = "") -> None:
+        """Write `table` as one of `model`'s segment files, its `data` bytes and `metadata` in the file's metadata:
+        whole under `.partial/`, then renamed into place."""
+        data_bytes = self.pa.compute.sum(self.pa.compute.binary_length(table["data"])).as_py() or 0
+        table = table.replace_schema_metadata({**(metadata or {}), DATA_BYTES_KEY: str(data_bytes)})
         low, high = self.pa.compute.min_max(table["time_s"]).values()
         folder = self.directory / model
         partial = folder / PARTIAL_DIR
@@ -206,8 +213,8 @@ class ParquetStore(Store):
         return groups
 
     def compact(self, model: str) -> int:
-        """Merge `model`'s segment files under MERGE_BELOW_BYTES, oldest first, into files of up to SEGMENT_BYTES;
-        returns the files merged away. A merged file names the files it replaces in its metadata, and those a
+        """Merge `model`'s segment files holding under MERGE_BELOW_BYTES of tensor data, oldest first, into files of
+        up to SEGMENT_BYTES; returns the files merged away. A merged file names the files it replaces in its metadata, and those a
         killed merge left behind are deleted first: until then their predictions are read twice, and counted once."""
         files = self._files(model)
         for _, _, path in files:
@@ -217,7 +224,7 @@ class ParquetStore(Store):
                     (path.parent / name).unlink(missing_ok=True)
         groups, group, size = [], [], 0
         for _, _, path in self._files(model):
-            length = path.stat().st_size
+            length = int(self.pa.parquet.read_metadata(path).metadata.get(DATA_BYTES_KEY, path.stat().st_size))
             if length >= MERGE_BELOW_BYTES or size + length > SEGMENT_BYTES:
                 groups.append(group)
                 group, size = [], 0
@@ -229,9 +236,8 @@ class ParquetStore(Store):
         for group in groups:
             if len(group) < 2:
                 continue
-            table = self.pa.concat_tables([self.pa.parquet.read_table(path) for path in group])
-            self._write_segment(model, table.replace_schema_metadata({REPLACES_KEY: json.dumps([path.name for path in group])}),
-                                MERGED_MARK)
+            table = self.pa.concat_tables([self.pa.parquet.read_table(path).replace_schema_metadata() for path in group])
+            self._write_segment(model, table, {REPLACES_KEY: json.dumps([path.name for path in group])}, MERGED_MARK)
             for path in group:
                 path.unlink()
             merged += len(group)
