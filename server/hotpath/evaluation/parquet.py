@@ -19,12 +19,11 @@ import os
 import secrets
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from hotpath.evaluation.store import EncodedRequests, Store, StoreError
+from hotpath.evaluation.store import EncodedRequests, Store, StoreError, add_encoded
 
 SEGMENT_S = 10.0
 """Longest a prediction waits in memory before its segment file is written (what a killed server can lose)."""
@@ -57,18 +56,6 @@ def _pyarrow():
     return pyarrow
 
 
-@dataclass
-class Run:
-    """Consecutive stacked requests in a ParquetStore's arena: `width` bytes each from `start`, with one
-    (model, version, rows per request, tensors description) `key`, their ids, and (time_s, requests) per batch."""
-
-    key: tuple[str, int, int, str]
-    width: int
-    start: int
-    ids: list[str] = field(default_factory=list)
-    times: list[tuple[float, int]] = field(default_factory=list)
-
-
 class ParquetStore(Store):
     """Predictions in Parquet segment files under `directory`, labels in its `labels.sqlite`; used by one thread."""
 
@@ -91,8 +78,8 @@ class ParquetStore(Store):
         """The buffered segment's `data` bytes of stacked requests, reused from segment to segment so that
         buffering touches no fresh memory; SEGMENT_BYTES long."""
         self._arena_used = 0
-        self._runs: list[Run] = []
-        """The stacked requests in the arena, in runs of one model, version, rows per request and description."""
+        self._runs: dict[str, list[tuple[int, EncodedRequests]]] = {}
+        """Per model, the requests in the arena (each run with where it begins there), `data` a view of their bytes."""
         self._buffered_bytes = 0
         self._buffer_since: float | None = None
         """When the oldest buffered prediction was buffered; None when nothing is."""
@@ -124,13 +111,8 @@ class ParquetStore(Store):
             start = self._arena_used
             self._arena[start:start + count * width].reshape(count, width)[:] = run.data
             self._arena_used += count * width
-            key = (name, run.version, run.rows, run.described)
-            last = self._runs[-1] if self._runs else None
-            if last is None or last.key != key or last.width != width:
-                last = Run(key, width, start)
-                self._runs.append(last)
-            last.ids += run.ids
-            last.times += run.times
+            add_encoded(self._runs.setdefault(name, []), self._arena, start, width, run.version, run.rows, run.described,
+                        run.ids, run.times)
             self._buffered(count * width)
         self.flush()
 
@@ -145,17 +127,16 @@ class ParquetStore(Store):
             self._buffered(sum(len(row[6]) for row in records))
         self.flush()
 
-    def _run_records(self, run: Run) -> object:
+    def _run_records(self, model: str, run: EncodedRequests) -> object:
         """The record batch of one run, its `data` column the run's bytes in the arena, not copied."""
-        (model, version, rows, described), count = run.key, len(run.ids)
-        offsets = np.arange(0, (count + 1) * run.width, run.width, dtype=np.int32)
-        blobs = self._arena[run.start:run.start + count * run.width]
-        data = self.pa.Array.from_buffers(self.pa.binary(), count, [None, self.pa.py_buffer(offsets), self.pa.py_buffer(blobs)])
-        times = np.repeat([time_s for time_s, _ in run.times], [requests for _, requests in run.times])
+        count, width = run.data.shape
+        offsets = np.arange(0, (count + 1) * width, width, dtype=np.int32)
+        data = self.pa.Array.from_buffers(self.pa.binary(), count, [None, self.pa.py_buffer(offsets), self.pa.py_buffer(run.data.reshape(-1))])
         return self.pa.RecordBatch.from_arrays([
             self.pa.repeat(self.pa.scalar(model, self.pa.string()), count), self.pa.array(run.ids, self.pa.string()),
-            self.pa.array(np.full(count, version, np.int64)), self.pa.array(times), self.pa.array(np.full(count, rows, np.int64)),
-            self.pa.repeat(self.pa.scalar(described, self.pa.string()), count), data], schema=self.schema)
+            self.pa.array(np.full(count, run.version, np.int64)), self.pa.array(run.each_time()),
+            self.pa.array(np.full(count, run.rows, np.int64)), self.pa.repeat(self.pa.scalar(run.described, self.pa.string()), count),
+            data], schema=self.schema)
 
     def flush(self, force: bool = False) -> None:
         """Write the buffered segment when SEGMENT_S have passed or SEGMENT_BYTES are buffered, or now with `force`."""
@@ -163,9 +144,9 @@ class ParquetStore(Store):
                 force or self._buffered_bytes >= SEGMENT_BYTES or time.monotonic() - self._buffer_since >= SEGMENT_S):
             return
         parts = {model: list(records) for model, records in self._encoded.items()}
-        for run in self._runs:
-            parts.setdefault(run.key[0], []).append(self._run_records(run))
-        self._encoded, self._runs, self._arena_used, self._buffered_bytes, self._buffer_since = {}, [], 0, 0, None
+        for model, runs in self._runs.items():
+            parts.setdefault(model, []).extend(self._run_records(model, run) for _, run in runs)
+        self._encoded, self._runs, self._arena_used, self._buffered_bytes, self._buffer_since = {}, {}, 0, 0, None
         for model, records in parts.items():
             self._write_segment(model, self.pa.Table.from_batches(records, schema=self.schema))
 

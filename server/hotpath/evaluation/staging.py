@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hotpath.evaluation.store import EncodedRequests, LoggedBatch, encoder_of
+from hotpath.evaluation.store import EncodedRequests, LoggedBatch, add_encoded, encoder_of
 
 if TYPE_CHECKING:
     from hotpath.serving.model import Model
@@ -30,9 +30,8 @@ class _Chunk:
 
     buffer: np.ndarray
     used: int = 0
-    runs: list[EncodedRequests] = field(default_factory=list)
-    run_start: int = 0
-    """Where the last of `runs` begins in `buffer`."""
+    runs: list[tuple[int, EncodedRequests]] = field(default_factory=list)
+    """Each run with where it begins in `buffer`."""
 
 
 class Staging:
@@ -80,15 +79,7 @@ class Staging:
         chunk.used += count * width
         self.staged_bytes += count * width
         described = encoder_of(model).describe(first[:len(batch[4])], first[len(batch[4]):])
-        last = chunk.runs[-1] if chunk.runs else None
-        if last is None or (last.version, last.rows, last.described, last.data.shape[1]) != (model.version, rows, described, width):
-            chunk.run_start = start
-            last = EncodedRequests(model.version, rows, described, matrix)
-            chunk.runs.append(last)
-        else:
-            last.data = chunk.buffer[chunk.run_start:start + count * width].reshape(-1, width)
-        last.ids += logged
-        last.times.append((batch[0], count))
+        add_encoded(chunk.runs, chunk.buffer, start, width, model.version, rows, described, logged, [(batch[0], count)])
         return True
 
     def take(self) -> list[EncodedRequests]:
@@ -99,16 +90,19 @@ class Staging:
         taken, self._full = self._full, []
         self._lent += taken
         self.staged_bytes = 0
-        return [run for chunk in taken for run in chunk.runs]
+        return [run for chunk in taken for _, run in chunk.runs]
 
     def release(self) -> None:
         """The writer is done with what `take` returned: its buffers are reused."""
         for chunk in self._lent:
-            if len(chunk.buffer) == CHUNK_BYTES:
-                self._free.append(chunk.buffer)
-            else:
-                self._allocated -= len(chunk.buffer)
+            self._give_back(chunk.buffer)
         self._lent = []
+
+    def _give_back(self, buffer: np.ndarray) -> None:
+        if len(buffer) == CHUNK_BYTES:
+            self._free.append(buffer)
+        else:
+            self._allocated -= len(buffer)
 
     def _room(self, size: int) -> _Chunk | None:
         """The chunk to copy `size` bytes into, or None when staging would exceed `max_bytes`."""
@@ -118,10 +112,8 @@ class Staging:
         if chunk is not None:
             if chunk.used:
                 self._full.append(chunk)
-            elif len(chunk.buffer) == CHUNK_BYTES:
-                self._free.append(chunk.buffer)
             else:
-                self._allocated -= len(chunk.buffer)
+                self._give_back(chunk.buffer)
             self._filling = None
         if size <= CHUNK_BYTES and self._free:
             self._filling = _Chunk(self._free.pop())

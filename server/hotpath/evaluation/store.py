@@ -148,6 +148,23 @@ class EncodedRequests:
         return np.repeat([time_s for time_s, _ in self.times], [count for _, count in self.times])
 
 
+def add_encoded(runs: list[tuple[int, EncodedRequests]], buffer: np.ndarray, start: int, width: int, version: int, rows: int,
+                described: str, ids: list[str], times: list[tuple[float, int]]) -> None:
+    """Record requests whose `data` rows (`width` bytes each) were just copied into `buffer` from `start`: they extend
+    the last of `runs` (each: where it begins in `buffer`, its requests) when that is of the same kind and ends at
+    `start`, else begin a new run."""
+    end = start + len(ids) * width
+    if runs:
+        first, last = runs[-1]
+        if (last.version, last.rows, last.described, last.data.shape[1]) == (version, rows, described, width) \
+                and first + last.data.nbytes == start:
+            last.data = buffer[first:end].reshape(-1, width)
+            last.ids += ids
+            last.times += times
+            return
+    runs.append((start, EncodedRequests(version, rows, described, buffer[start:end].reshape(-1, width), list(ids), list(times))))
+
+
 def logged_requests(batch: LoggedBatch, batched: bool) -> Iterator[tuple[str, int, list, list]]:
     """(log id, rows, inputs, outputs) of each logged request of a batch, its tensors sliced from the batch's."""
     _, _, ids, rows, inputs, outputs = batch
