@@ -147,7 +147,12 @@ class PredictionLog:
     def _stage(self, model: Model, entry: LoggedBatch, count: int) -> None:
         """Stage or queue one batch for the writer; whatever goes wrong here must not fail the batch's requests."""
         with self._lock:
-            staged = None if self._closing or self._queued + count > self.limit else self._staging.stage(model, entry)
+            room = 0 if self._closing else self.limit - self._queued
+            if count > room > 0:
+                entry = _first_logged(entry, room)
+                self.dropped += count - room
+                count = room
+            staged = self._staging.stage(model, entry) if room > 0 else None
             if staged is None:
                 self.dropped += count
                 return
@@ -238,6 +243,18 @@ class PredictionLog:
                 store.retain(self.name, time.time(), self.config.max_age_seconds, self.config.max_size_bytes)
         except Exception:
             log.exception("model '%s': maintenance of %s failed", self.name, self.location)
+
+
+def _first_logged(entry: LoggedBatch, kept: int) -> LoggedBatch:
+    """`entry` with only its first `kept` logged requests still logged (the others' ids None)."""
+    ids = list(entry[2])
+    for index, log_id in enumerate(ids):
+        if log_id is not None:
+            if kept:
+                kept -= 1
+            else:
+                ids[index] = None
+    return (entry[0], entry[1], tuple(ids), *entry[3:])
 
 
 def metric_samples() -> dict[str, list[str]]:
